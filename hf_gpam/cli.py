@@ -1,0 +1,32 @@
+"""The ``hf-gpam`` command line: one sub-command per module, each exposing ``add_arguments`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+# sub-command -> (module, one-line help); modules are imported only when their command runs
+COMMANDS = {
+    "demo": ("hf_gpam.demo", "build a GPAM model, patch a stock one, save and reload it with trust_remote_code"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-gpam", description="daGPAM attention for HuggingFace Transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(module_name=module_name)
+        importlib.import_module(module_name).add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args.module_name).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The ``gpam_*`` configuration fields, declared once and mixed into the three GPAM config classes.
+
+Validation happens in ``check_gpam_fields`` (called on construction and again when a model is built from the
+config) and raises ``ValueError`` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+GPAM_MODES = ("dagpam", "softmax")
+GPAM_NEGATIVE_INITS = ("neg_identity", "normal")
+GPAM_ATTENTION_TYPES = ("self", "cross")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(kw_only=True)
+class GpamConfigFields:
+    """daGPAM hyper-parameters shared by ``GpamGPT2Config``, ``GpamBartConfig`` and ``GpamMarianConfig``.
+
+    Placed first in the bases (``class GpamGPT2Config(GpamConfigFields, GPT2Config)``) so that its
+    ``__post_init__`` validates the fields after the stock config has initialised.
+    """
+
+    gpam_mode: str = field(
+        default="dagpam",
+        metadata={"help": "'dagpam' for dual-attention GPAM, 'softmax' for stock attention in the same classes."},
+    )
+    gpam_lambda_init: float = field(
+        default=0.5,
+        metadata={"help": "Initial λ (λ⁺, and λ⁻ when tied). patch_model defaults it to 0.0 (identity at conversion)."},
+    )
+    gpam_lambda_neg_init: float | None = field(
+        default=None, metadata={"help": "Initial λ⁻ when untied; None means the same as gpam_lambda_init."}
+    )
+    gpam_tie_lambda: bool = field(
+        default=True, metadata={"help": "Tie λ⁺ = λ⁻ so that every row of the attention map sums to exactly 1."}
+    )
+    gpam_lambda_trainable: bool = field(
+        default=True, metadata={"help": "Learn λ (the paper's best variant) or keep it fixed at its initial value."}
+    )
+    gpam_negative_init: str = field(
+        default="neg_identity",
+        metadata={"help": "Initial W⁻: 'neg_identity' (W⁻ = −I) or 'normal' (std = the model's initializer range)."},
+    )
+    gpam_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Layer indices that use daGPAM (None = all). For encoder-decoder models index i selects "
+            "encoder layer i and decoder layer i."
+        },
+    )
+    gpam_attention_types: list[str] = field(
+        default_factory=lambda: list(GPAM_ATTENTION_TYPES),
+        metadata={"help": "Which attention kinds use daGPAM: a non-empty subset of ['self', 'cross']."},
+    )
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_gpam_fields()
+        # the stock validators (architecture, token ids) that @strict would run on the parent config class
+        self.validate()
+
+    def gpam_num_layers(self) -> int:
+        """Number of layer indices ``gpam_layers`` may name."""
+        if getattr(self, "is_encoder_decoder", False):
+            return max(self.encoder_layers, self.decoder_layers)
+        return self.num_hidden_layers
+
+    def check_gpam_fields(self) -> None:
+        """Raise ``ValueError`` for any invalid ``gpam_*`` value; normalise numbers to float."""
+        if self.gpam_mode not in GPAM_MODES:
+            raise ValueError(f"gpam_mode={self.gpam_mode!r} is not one of {', '.join(map(repr, GPAM_MODES))}")
+        for name in ("gpam_lambda_init", "gpam_lambda_neg_init"):
+            value = getattr(self, name)
+            if value is None and name == "gpam_lambda_neg_init":
+                continue
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number (float)")
+            setattr(self, name, float(value))
+        for name in ("gpam_tie_lambda", "gpam_lambda_trainable"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if (
+            self.gpam_tie_lambda
+            and self.gpam_lambda_neg_init is not None
+            and self.gpam_lambda_neg_init != self.gpam_lambda_init
+        ):
+            raise ValueError(
+                f"gpam_lambda_neg_init={self.gpam_lambda_neg_init} differs from gpam_lambda_init="
+                f"{self.gpam_lambda_init} but gpam_tie_lambda=True; set gpam_tie_lambda=False for two coefficients"
+            )
+        if self.gpam_negative_init not in GPAM_NEGATIVE_INITS:
+            raise ValueError(
+                f"gpam_negative_init={self.gpam_negative_init!r} is not one of "
+                f"{', '.join(map(repr, GPAM_NEGATIVE_INITS))}"
+            )
+        self._check_gpam_layers()
+        types = self.gpam_attention_types
+        if isinstance(types, str) or not isinstance(types, (list, tuple)) or len(types) == 0:
+            raise ValueError(
+                f"gpam_attention_types={types!r} must be a non-empty list drawn from ['self', 'cross'] "
+                "(use gpam_mode='softmax' for no daGPAM at all)"
+            )
+        unknown = [t for t in types if t not in GPAM_ATTENTION_TYPES]
+        if unknown or len(set(types)) != len(types):
+            raise ValueError(
+                f"gpam_attention_types={list(types)!r} must list distinct values from ['self', 'cross']"
+            )
+        self.gpam_attention_types = list(types)
+
+    def _check_gpam_layers(self) -> None:
+        layers = self.gpam_layers
+        if layers is None:
+            return
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)):
+            raise ValueError(f"gpam_layers={layers!r} must be None (all layers) or a list of layer indices")
+        num_layers = self.gpam_num_layers()
+        for index in layers:
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_layers:
+                raise ValueError(
+                    f"gpam_layers={list(layers)!r} contains {index!r}; layer indices must be integers in "
+                    f"0..{num_layers - 1} (the model has {num_layers} layers)"
+                )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"gpam_layers={list(layers)!r} lists a layer more than once")
+        self.gpam_layers = sorted(layers)
+
+    def gpam_layer_enabled(self, layer_idx: int, attention_type: str) -> bool:
+        """Whether the attention module of kind ``attention_type`` in layer ``layer_idx`` uses daGPAM."""
+        return (
+            self.gpam_mode == "dagpam"
+            and attention_type in self.gpam_attention_types
+            and (self.gpam_layers is None or layer_idx in self.gpam_layers)
+        )

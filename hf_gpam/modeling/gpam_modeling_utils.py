@@ -1,0 +1,88 @@
+"""What every GPAM model class adds to its stock parent: conversion of the attention modules, weight
+initialisation of the daGPAM parameters (also on load), and a few accessors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .gpam_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, GpamAttentionMixin, convert_attention_module
+
+
+class GpamModelMixin:
+    """Placed first in the bases of every GPAM model class (``class GpamBartModel(GpamModelMixin, BartModel)``).
+
+    Subclasses set ``config_class``, ``gpam_attention_class`` (the daGPAM subclass of the architecture's attention
+    module) and implement ``gpam_attention_sites`` listing ``(layer_idx, kind, module)`` for each attention module.
+    """
+
+    gpam_attention_class: type = None
+    # set where the stock class leaves ``loss_type`` unresolved
+    gpam_loss_type: str | None = None
+    # daGPAM is implemented for these two backends only; transformers then refuses the others at load time
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    # λ is a handful of numbers per layer whose updates would be rounded away in half precision
+    _keep_in_fp32_modules = ["gpam_lambda"]
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.convert_to_gpam()
+
+    def gpam_attention_sites(self) -> Iterator[tuple[int, str, nn.Module]]:
+        raise NotImplementedError
+
+    def convert_to_gpam(self) -> None:
+        """Convert, in place, every stock attention module that the config selects for daGPAM.
+
+        Used by ``__init__`` and by ``hf_gpam.patch_model``, so a new model and a patched one are built alike.
+        """
+        self.config.check_gpam_fields()
+        implementation = self.config._attn_implementation
+        if self.config.gpam_mode == "dagpam" and implementation not in (None, *SUPPORTED_ATTN_IMPLEMENTATIONS):
+            raise ValueError(
+                f"daGPAM attention does not support attn_implementation={implementation!r}; supported: "
+                f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}"
+            )
+        for layer_idx, kind, module in self.gpam_attention_sites():
+            if self.config.gpam_layer_enabled(layer_idx, kind) and not isinstance(module, GpamAttentionMixin):
+                convert_attention_module(module, self.gpam_attention_class, self.config)
+        if self.gpam_loss_type is not None:
+            self.loss_type = self.gpam_loss_type
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        # The stock sub-models' _init_weights (BartEncoder, ...) know nothing of the daGPAM parameters and give
+        # gpam_q_neg a plain normal init; reset them here. Tensors loaded from a checkpoint are flagged by
+        # transformers and left alone by the guarded init functions reset_gpam_parameters uses.
+        super().initialize_weights()
+        for module in self.gpam_modules():
+            module.reset_gpam_parameters()
+
+    def gpam_modules(self) -> list[nn.Module]:
+        """The attention modules that run daGPAM, in layer order."""
+        return [module for module in self.modules() if isinstance(module, GpamAttentionMixin)]
+
+    def gpam_lambdas(self) -> dict[str, torch.Tensor]:
+        """λ of every daGPAM module, keyed by the module's name: (H,) tied, or (2, H) as [λ⁺; λ⁻] untied."""
+        return {
+            name: module.gpam_lambda.weight.detach().clone()
+            for name, module in self.named_modules()
+            if isinstance(module, GpamAttentionMixin)
+        }
+
+
+class GpamSeq2SeqModelMixin(GpamModelMixin):
+    """The attention sites of BART-style encoder-decoders (BART, Marian): encoder self-attention, decoder
+    self-attention and decoder cross-attention of every layer."""
+
+    def gpam_attention_sites(self) -> Iterator[tuple[int, str, nn.Module]]:
+        body = self.base_model
+        for layer_idx, layer in enumerate(body.encoder.layers):
+            yield layer_idx, "self", layer.self_attn
+        for layer_idx, layer in enumerate(body.decoder.layers):
+            yield layer_idx, "self", layer.self_attn
+            yield layer_idx, "cross", layer.encoder_attn

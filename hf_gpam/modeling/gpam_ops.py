@@ -1,0 +1,210 @@
+"""The daGPAM math as pure functions of tensors (torch only).
+
+Notation, used in every shape comment of this package:
+    B batch, H query heads, Tq query length, Tk key length, D head dimension.
+
+The dual-attention GPAM map of Heo & Choi (2024) for one head:
+
+    P⁺  = softmax(Q⁺ Kᵀ · s + M)
+    Q⁻  = ReLU(Q⁺) W⁻
+    P⁻  = softmax(Q⁻ Kᵀ · s + M)                 same keys K, same mask M, same scaling s
+    P_G = (1 + λ⁺) P⁺ − λ⁻ P⁻                    rows sum to 1 + λ⁺ − λ⁻ (exactly 1 when tied)
+    O   = P_G V
+
+Three implementations live here:
+    ``reference_gpam_attention``  float64, materialises everything: the ground truth of the tests.
+    ``eager_gpam_attention``      materialises P_G (returned for ``output_attentions=True``).
+    ``sdpa_gpam_attention``       fused through ``scaled_dot_product_attention``; by linearity
+                                  O = (1+λ⁺)·SDPA(Q⁺,K,V) − λ⁻·SDPA(Q⁻,K,V), so no T×T tensor exists.
+
+``W⁻`` is passed as ``q_neg_weight``, the weight of an ``nn.Linear(D, D, bias=False)``, i.e. W⁻ᵀ, so that
+``Q⁻ = F.linear(ReLU(Q⁺), q_neg_weight)``. ``lambda_pos`` / ``lambda_neg`` are ``(H,)`` tensors (float32 in the
+models); the combination of the two maps is done in at least float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def negative_query(query: torch.Tensor, q_neg_weight: torch.Tensor) -> torch.Tensor:
+    """Q⁻ = ReLU(Q⁺) W⁻ for ``query`` of shape (B, H, Tq, D); W⁻ is shared by all heads."""
+    return F.linear(F.relu(query), q_neg_weight)
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True where attending is allowed, aligned to the bottom right.
+
+    Query i sits at absolute position ``k_len - q_len + i`` (the usual layout with a KV cache in front).
+    """
+    offset = k_len - q_len
+    rows = torch.arange(q_len, device=device)[:, None]
+    cols = torch.arange(k_len, device=device)[None, :]
+    return cols <= rows + offset
+
+
+def additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Turn a boolean mask (True = attend) into an additive one; float masks are returned as they are."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return attention_mask
+    blocked = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return blocked.masked_fill_(~attention_mask, torch.finfo(dtype).min)
+
+
+def _lambdas_as_columns(lambda_pos: torch.Tensor, lambda_neg: torch.Tensor, dtype: torch.dtype):
+    # (H,) -> (1, H, 1, 1), broadcast against (B, H, Tq, *)
+    return lambda_pos.to(dtype).view(1, -1, 1, 1), lambda_neg.to(dtype).view(1, -1, 1, 1)
+
+
+def combine_dual_attention(
+    positive: torch.Tensor, negative: torch.Tensor, lambda_pos: torch.Tensor, lambda_neg: torch.Tensor
+) -> torch.Tensor:
+    """(1 + λ⁺)·positive − λ⁻·negative, per head, for tensors of shape (B, H, Tq, *).
+
+    Works for the two probability maps (eager) and for the two attention outputs (fused path) alike. Half
+    precision inputs are combined in float32 and cast back, so small λ are not rounded away.
+    """
+    out_dtype = positive.dtype
+    work_dtype = torch.promote_types(out_dtype, torch.float32)
+    lam_pos, lam_neg = _lambdas_as_columns(lambda_pos, lambda_neg, work_dtype)
+    combined = positive.to(work_dtype) * (1.0 + lam_pos) - negative.to(work_dtype) * lam_neg
+    return combined.to(out_dtype)
+
+
+def _scores(query, key, scaling, mask, is_causal, upcast):
+    # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
+    if upcast:
+        query, key = query.float(), key.float()
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if mask is not None:
+        scores = scores + mask
+    if is_causal:
+        allowed = causal_mask(query.shape[-2], key.shape[-2], query.device)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return scores
+
+
+def eager_gpam_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_neg_weight: torch.Tensor,
+    lambda_pos: torch.Tensor,
+    lambda_neg: torch.Tensor,
+    *,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """daGPAM with the maps materialised.
+
+    Args:
+        query: (B, H, Tq, D). key, value: (B, H, Tk, D).
+        attention_mask: additive float or boolean (True = attend) mask broadcastable to (B, H, Tq, Tk).
+        is_causal: apply a bottom-right aligned causal mask on top of ``attention_mask``.
+        dropout_p: dropout on the combined map P_G (pass 0.0 at inference).
+        upcast: compute scores and softmax in float32 (GPT-2's ``reorder_and_upcast_attn``).
+
+    Returns:
+        ``(output, p_gpam)``: output (B, H, Tq, D) and the signed map P_G (B, H, Tq, Tk) in ``value``'s dtype.
+    """
+    mask = additive_mask(attention_mask, torch.float32 if upcast else query.dtype)
+    p_pos = torch.softmax(_scores(query, key, scaling, mask, is_causal, upcast), dim=-1)
+    q_neg = negative_query(query, q_neg_weight)
+    p_neg = torch.softmax(_scores(q_neg, key, scaling, mask, is_causal, upcast), dim=-1)
+    # (B, H, Tq, Tk)
+    p_gpam = combine_dual_attention(p_pos, p_neg, lambda_pos, lambda_neg).to(value.dtype)
+    if dropout_p > 0.0:
+        p_gpam = F.dropout(p_gpam, p=dropout_p, training=True)
+    return torch.matmul(p_gpam, value), p_gpam
+
+
+def sdpa_gpam_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_neg_weight: torch.Tensor,
+    lambda_pos: torch.Tensor,
+    lambda_neg: torch.Tensor,
+    *,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Fused daGPAM: two softmax attentions through ``scaled_dot_product_attention``, combined linearly.
+
+    ``is_causal`` is SDPA's flag (top-left aligned; only meaningful with ``attention_mask=None`` and Tq == Tk).
+    Causal calls run as two kernel calls, which measures fastest for training shapes. Non-causal calls (decode
+    steps, encoders, cross-attention) stack [Q⁺; Q⁻] along the query axis into one call, which reads K and V
+    once. Dropout, when on, is applied inside each kernel call.
+
+    Returns the output (B, H, Tq, D).
+    """
+    q_len = query.shape[-2]
+    q_neg = negative_query(query, q_neg_weight)
+    if is_causal:
+        out_pos = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=True, scale=scaling
+        )
+        out_neg = F.scaled_dot_product_attention(
+            q_neg, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=True, scale=scaling
+        )
+    else:
+        mask = attention_mask
+        if mask is not None and mask.shape[-2] != 1:
+            # one mask row per query row: the stacked queries need the rows twice
+            mask = torch.cat([mask, mask], dim=-2)
+        # (B, H, 2·Tq, D)
+        stacked = torch.cat([query, q_neg], dim=-2)
+        out = F.scaled_dot_product_attention(
+            stacked, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scaling
+        )
+        out_pos, out_neg = out[..., :q_len, :], out[..., q_len:, :]
+    return combine_dual_attention(out_pos, out_neg, lambda_pos, lambda_neg)
+
+
+def reference_gpam_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_neg_weight: torch.Tensor,
+    lambda_pos: torch.Tensor,
+    lambda_neg: torch.Tensor,
+    *,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The spec's formulas, written out literally in float64; the tests' ground truth.
+
+    Masks follow the eager convention (boolean True = attend, or additive float). Returns a dict with
+    ``output`` (B, H, Tq, D) and the maps ``p_pos``, ``p_neg``, ``p_gpam`` (B, H, Tq, Tk), all float64.
+    """
+    q, k, v, w = (t.to(torch.float64) for t in (query, key, value, q_neg_weight))
+    lam_pos = lambda_pos.to(torch.float64).view(1, -1, 1, 1)
+    lam_neg = lambda_neg.to(torch.float64).view(1, -1, 1, 1)
+    allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+    if is_causal:
+        allowed = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    bias = torch.zeros((), dtype=torch.float64, device=q.device)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            allowed = allowed & attention_mask
+        else:
+            bias = attention_mask.to(torch.float64)
+
+    def softmax_map(queries):
+        scores = queries @ k.transpose(-1, -2) * scaling + bias
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        # rows with nothing to attend to come out uniform, as they do with transformers' finite masks
+        scores = torch.where(allowed.any(-1, keepdim=True), scores, torch.zeros_like(scores))
+        return torch.softmax(scores, dim=-1)
+
+    p_pos = softmax_map(q)
+    p_neg = softmax_map(torch.relu(q) @ w.transpose(0, 1))
+    p_gpam = (1 + lam_pos) * p_pos - lam_neg * p_neg
+    return {"output": p_gpam @ v, "p_pos": p_pos, "p_neg": p_neg, "p_gpam": p_gpam}

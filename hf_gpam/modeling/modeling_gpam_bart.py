@@ -1,0 +1,41 @@
+"""Bart with daGPAM attention: ``GpamBartModel`` and ``GpamGpamBartForConditionalGeneration``.
+
+The models are the stock transformers classes with each selected ``BartAttention`` (encoder self-attention,
+decoder self-attention, decoder cross-attention) converted in place into ``GpamBartAttention``; embeddings,
+feed-forward blocks, KV cache and generation are untouched.
+"""
+
+from __future__ import annotations
+
+from transformers.models.bart.modeling_bart import BartAttention, BartForConditionalGeneration, BartModel
+
+from .configuration_gpam_bart import GpamBartConfig
+from .gpam_attention import GpamSeq2SeqAttentionMixin
+from .gpam_modeling_utils import GpamSeq2SeqModelMixin
+
+
+class GpamBartAttention(GpamSeq2SeqAttentionMixin, BartAttention):
+    """``BartAttention`` with the daGPAM map; projections and cache handling are stock."""
+
+
+class GpamBartModelMixin(GpamSeq2SeqModelMixin):
+    gpam_attention_class = GpamBartAttention
+
+
+class GpamBartModel(GpamBartModelMixin, BartModel):
+    """``BartModel`` with daGPAM attention."""
+
+    config_class = GpamBartConfig
+
+
+class GpamBartForConditionalGeneration(GpamBartModelMixin, BartForConditionalGeneration):
+    """``BartForConditionalGeneration`` with daGPAM attention; generation (greedy, beam, sampling) and cache are stock."""
+
+    config_class = GpamBartConfig
+
+
+GpamBartConfig.register_for_auto_class()
+GpamBartModel.register_for_auto_class("AutoModel")
+GpamBartForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
+
+__all__ = ["GpamBartAttention", "GpamBartModel", "GpamBartForConditionalGeneration"]

@@ -1,0 +1,41 @@
+"""Marian with daGPAM attention: ``GpamMarianModel`` and ``GpamMarianMTModel``.
+
+The models are the stock transformers classes with each selected ``MarianAttention`` (encoder self-attention,
+decoder self-attention, decoder cross-attention) converted in place into ``GpamMarianAttention``; embeddings,
+feed-forward blocks, KV cache and generation are untouched.
+"""
+
+from __future__ import annotations
+
+from transformers.models.marian.modeling_marian import MarianAttention, MarianMTModel, MarianModel
+
+from .configuration_gpam_marian import GpamMarianConfig
+from .gpam_attention import GpamSeq2SeqAttentionMixin
+from .gpam_modeling_utils import GpamSeq2SeqModelMixin
+
+
+class GpamMarianAttention(GpamSeq2SeqAttentionMixin, MarianAttention):
+    """``MarianAttention`` with the daGPAM map; projections and cache handling are stock."""
+
+
+class GpamMarianModelMixin(GpamSeq2SeqModelMixin):
+    gpam_attention_class = GpamMarianAttention
+
+
+class GpamMarianModel(GpamMarianModelMixin, MarianModel):
+    """``MarianModel`` with daGPAM attention."""
+
+    config_class = GpamMarianConfig
+
+
+class GpamMarianMTModel(GpamMarianModelMixin, MarianMTModel):
+    """``MarianMTModel`` with daGPAM attention; generation (greedy, beam, sampling) and cache are stock."""
+
+    config_class = GpamMarianConfig
+
+
+GpamMarianConfig.register_for_auto_class()
+GpamMarianModel.register_for_auto_class("AutoModel")
+GpamMarianMTModel.register_for_auto_class("AutoModelForSeq2SeqLM")
+
+__all__ = ["GpamMarianAttention", "GpamMarianModel", "GpamMarianMTModel"]

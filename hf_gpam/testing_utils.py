@@ -1,0 +1,37 @@
+"""Tiny model configurations for tests, examples and smoke runs (seconds on a CPU, nothing downloaded)."""
+
+from __future__ import annotations
+
+from transformers import BartConfig, GPT2Config, MarianConfig
+
+
+TINY_VOCAB_SIZE = 96
+
+
+def tiny_stock_config(model_type: str, **overrides):
+    """A stock config of ``model_type`` ("gpt2", "bart", "marian") with 2 layers, width 32 and 4 heads."""
+    if model_type == "gpt2":
+        base = dict(
+            n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=TINY_VOCAB_SIZE,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        return GPT2Config(**{**base, **overrides})
+    if model_type in ("bart", "marian"):
+        base = dict(
+            encoder_layers=2, decoder_layers=2, d_model=32, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, vocab_size=TINY_VOCAB_SIZE,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2 if model_type == "bart" else 1,
+        )
+        config_class = BartConfig if model_type == "bart" else MarianConfig
+        return config_class(**{**base, **overrides})
+    raise ValueError(f"tiny_stock_config: model_type {model_type!r} is not one of 'gpt2', 'bart', 'marian'")
+
+
+def tiny_gpam_config(model_type: str, **overrides):
+    """The GPAM config matching ``tiny_stock_config(model_type)``; ``overrides`` may include ``gpam_*`` fields."""
+    from .architectures import ARCHITECTURES
+
+    gpam_fields = {k: v for k, v in overrides.items() if k.startswith("gpam_")}
+    stock = tiny_stock_config(model_type, **{k: v for k, v in overrides.items() if not k.startswith("gpam_")})
+    fields = {k: v for k, v in stock.to_dict().items() if k not in ("model_type", "transformers_version")}
+    return ARCHITECTURES[model_type].config_class(**fields, **gpam_fields)
