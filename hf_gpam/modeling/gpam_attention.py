@@ -26,13 +26,23 @@ class GpamLambda(nn.Module):
 
     ``weight`` has shape ``(H,)`` when λ⁺ and λ⁻ are tied (rows of P_G sum to exactly 1) or ``(2, H)`` as
     ``[λ⁺; λ⁻]`` when untied. It is a module rather than a bare parameter so that PEFT's ``modules_to_save`` can
-    train and save it.
+    train and save it. A fixed λ is a persistent buffer rather than a frozen parameter: the checkpoint key is the
+    same (``gpam_lambda.weight``), it stays fixed across ``from_pretrained`` (which re-creates parameters as
+    trainable), and optimisers and DDP never see it.
     """
 
-    def __init__(self, num_heads: int, *, tied: bool, device=None):
+    def __init__(self, num_heads: int, *, tied: bool, trainable: bool = True, device=None):
         super().__init__()
         shape = (num_heads,) if tied else (2, num_heads)
-        self.weight = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
+        weight = torch.zeros(shape, dtype=torch.float32, device=device)
+        if trainable:
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+
+    @property
+    def trainable(self) -> bool:
+        return isinstance(self.weight, nn.Parameter)
 
     @property
     def tied(self) -> bool:
@@ -45,7 +55,7 @@ class GpamLambda(nn.Module):
         return self.weight[0], self.weight[1]
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.weight.shape[-1]}, tied={self.tied}"
+        return f"num_heads={self.weight.shape[-1]}, tied={self.tied}, trainable={self.trainable}"
 
 
 def _check_finite(name: str, value: float) -> float:
@@ -90,8 +100,7 @@ class GpamAttentionMixin:
         self.gpam_negative_init = negative_init
         self.gpam_initializer_range = initializer_range
         self.gpam_q_neg = nn.Linear(self.head_dim, self.head_dim, bias=False, device=device, dtype=dtype)
-        self.gpam_lambda = GpamLambda(self.num_heads, tied=tie_lambda, device=device)
-        self.gpam_lambda.weight.requires_grad_(lambda_trainable)
+        self.gpam_lambda = GpamLambda(self.num_heads, tied=tie_lambda, trainable=lambda_trainable, device=device)
         self.reset_gpam_parameters()
 
     @torch.no_grad()

@@ -61,6 +61,9 @@ class GpamConfigFields:
     )
 
     def __post_init__(self, **kwargs):
+        # a stock config.json read into a GPAM config carries the stock model_type; the class's own must win, or
+        # the saved config would point the Auto classes back at the stock model
+        kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
         self.check_gpam_fields()
         # the stock validators (architecture, token ids) that @strict would run on the parent config class
