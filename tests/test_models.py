@@ -251,3 +251,24 @@ def test_left_padding_produces_no_nan(model_type, implementation):
     inputs["attention_mask"][0, :5] = 0
     with torch.no_grad():
         assert torch.isfinite(main_output(model(**inputs))).all()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gpt2_cross_attention_identity_and_backend_agreement(implementation):
+    stock = stock_model("gpt2", attn_implementation=implementation, add_cross_attention=True)
+    inputs = model_inputs("gpt2")
+    encoder_states = torch.randn(2, 5, 32)
+    encoder_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    extra = {"encoder_hidden_states": encoder_states, "encoder_attention_mask": encoder_mask}
+    with torch.no_grad():
+        expected = stock(**inputs, **extra)
+        patched = hf_gpam.patch_model(stock)
+        assert sum("crossattention" in n for n, _ in patched.named_modules() if n.endswith("gpam_lambda")) == 2
+        assert_same_outputs("gpt2", inputs, patched(**inputs, **extra), expected)
+        for module in patched.gpam_modules():
+            module.gpam_lambda.weight.fill_(0.8)
+        sharpen_attention(patched)
+        mine = patched(**inputs, **extra)
+        other = "sdpa" if implementation == "eager" else "eager"
+        patched.set_attn_implementation(other)
+        assert_same_outputs("gpt2", inputs, patched(**inputs, **extra), mine)
