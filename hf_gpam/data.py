@@ -323,8 +323,9 @@ def train_marian_sentencepiece(
 
     Args:
         texts: training text of both languages, one sentence per string.
-        vocab_size: the number of SentencePiece pieces (special tokens included). Small corpora cannot support
-            large vocabularies; SentencePiece raises if the value is too high for the text.
+        vocab_size: the largest number of SentencePiece pieces (special tokens included). A small corpus may
+            yield fewer pieces (``len(tokenizer)`` says how many), rather than failing as SentencePiece does by
+            default.
         save_directory: where the tokenizer is saved (``save_pretrained`` layout).
         source_lang, target_lang: recorded on the tokenizer, as Marian tokenizers do.
 
@@ -350,6 +351,7 @@ def train_marian_sentencepiece(
         vocab_size=vocab_size,
         model_type="unigram",
         character_coverage=1.0,
+        hard_vocab_limit=False,
         pad_id=0,
         eos_id=1,
         unk_id=2,

@@ -73,7 +73,10 @@ def _results_block(results: dict | None) -> str:
     if not results:
         return "No evaluation was run for this folder."
     rows = ["| metric | value |", "|---|---|"]
+    # nested values (e.g. the λ lists a recipe stores in all_results.json) have their own section
     for key, value in results.items():
+        if not isinstance(value, (int, float, str)):
+            continue
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         rows.append(f"| {key} | {shown} |")
     return "\n".join(rows)

@@ -1,0 +1,439 @@
+"""What the two daGPAM training recipes share: argument dataclasses, model / tokenizer loading from the three
+sources (stock checkpoint, GPAM checkpoint, from scratch), LoRA, checkpoint checks and the Hub-ready output.
+
+The recipes import this module from their own folder (``python recipes/run_clm_gpam.py`` puts ``recipes/`` on
+``sys.path``); it uses only the public ``hf_gpam`` API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field, fields
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+
+import hf_gpam
+from hf_gpam.data import train_byte_level_bpe, train_marian_sentencepiece
+from hf_gpam.hub import gpam_lambda_values, render_model_card, save_hub_ready
+
+
+logger = logging.getLogger(__name__)
+
+# sensible LoRA targets per architecture; PEFT has none for Marian or for the gpam_* model types. The daGPAM
+# W⁻ (gpam_q_neg) is a target like the other projections, and λ is trained in full through modules_to_save.
+DEFAULT_LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc", "gpam_q_neg"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "gpam_q_neg"],
+    "marian": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "gpam_q_neg"],
+}
+LORA_MODULES_TO_SAVE = ["gpam_lambda"]
+
+
+@dataclass
+class GpamArguments:
+    """The ``gpam_*`` config fields as recipe arguments (same names, same meaning; see the GPAM config classes).
+
+    Used when the model is patched from a stock checkpoint or built from scratch. A GPAM checkpoint keeps the
+    settings it was saved with.
+    """
+
+    gpam_mode: str = field(
+        default="dagpam", metadata={"help": "'dagpam', or 'softmax' for the stock-attention baseline (same code path)."}
+    )
+    gpam_lambda_init: float | None = field(
+        default=None,
+        metadata={"help": "Initial λ. Default: 0.0 when patching a pretrained model (outputs unchanged), 0.5 from scratch."},
+    )
+    gpam_lambda_neg_init: float | None = field(
+        default=None, metadata={"help": "Initial λ⁻ when --gpam_tie_lambda False (None: same as gpam_lambda_init)."}
+    )
+    gpam_tie_lambda: bool = field(default=True, metadata={"help": "Tie λ⁺ = λ⁻ (attention rows sum to exactly 1)."})
+    gpam_lambda_trainable: bool = field(default=True, metadata={"help": "Learn λ, or keep it fixed."})
+    gpam_negative_init: str = field(
+        default="neg_identity", metadata={"help": "Initial W⁻: 'neg_identity' (−I) or 'normal'."}
+    )
+    gpam_layers: list[int] | None = field(
+        default=None, metadata={"help": "Layer indices that use daGPAM, e.g. `--gpam_layers 0 1` (default: all)."}
+    )
+    gpam_attention_types: list[str] = field(
+        default_factory=lambda: ["self", "cross"],
+        metadata={"help": "Attention kinds that use daGPAM (encoder-decoder models): self, cross."},
+    )
+
+    def options(self) -> dict:
+        """The ``gpam_*`` keyword arguments for ``patch_model`` or a GPAM config; unset optional values omitted so
+        that the library's own defaults apply."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in values.items() if not (v is None and k in ("gpam_lambda_init", "gpam_layers"))}
+
+    def explicitly_set(self) -> dict:
+        """The options that differ from the recipe defaults."""
+        defaults = GpamArguments()
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
+
+
+@dataclass
+class ModelArguments:
+    """Where the model and tokenizer come from, and LoRA."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A stock GPT-2 / BART / Marian checkpoint (patched with hf_gpam.patch_model) or a GPAM "
+            "checkpoint (training continues); local folder or Hub id. Leave unset to train from scratch."
+        },
+    )
+    model_type: str | None = field(
+        default=None, metadata={"help": "Train from scratch: gpt2 (causal LM), bart or marian (translation)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "From scratch: config fields to override, e.g. 'n_layer=2,n_embd=64,n_head=4'."},
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub id (default: the checkpoint's, or one trained here)."}
+    )
+    tokenizer_vocab_size: int = field(
+        default=2000, metadata={"help": "Vocabulary size of a tokenizer trained on the training data (from scratch)."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "'sdpa' (fused) or 'eager'."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit) to load."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded checkpoints are cached."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow a checkpoint's own code. Not needed for GPAM checkpoints: hf_gpam is imported."},
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names (or suffixes) to adapt. Default per architecture, incl. gpam_q_neg."},
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "With --use_lora: merge the adapters and save a full model (adapter kept in adapter/)."},
+    )
+
+    def __post_init__(self):
+        if self.model_type is not None and self.model_type not in hf_gpam.ARCHITECTURES:
+            raise ValueError(
+                f"--model_type {self.model_type!r} is not supported (supported: {', '.join(hf_gpam.ARCHITECTURES)})"
+            )
+        if self.model_type is not None and self.model_name_or_path is not None:
+            raise ValueError("give either --model_name_or_path (a checkpoint) or --model_type (from scratch), not both")
+        if self.config_overrides and self.model_name_or_path is not None:
+            raise ValueError("--config_overrides only applies to a model trained from scratch (--model_type)")
+        if self.merge_lora and not self.use_lora:
+            raise ValueError("--merge_lora needs --use_lora")
+
+
+def parse_arguments(dataclass_types, argv, base_defaults: dict, demo_defaults: dict, is_demo):
+    """Parse CLI flags or one JSON file into ``dataclass_types``.
+
+    ``base_defaults`` always apply unless given (e.g. the output folder). When ``is_demo(parsed)`` says no model
+    and no data were chosen, ``demo_defaults`` are applied as well (the embedded offline run); anything the user
+    passed still wins, because their flags come after the defaults.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0], encoding="utf-8") as handle:
+            user = json.load(handle)
+        parsed = parser.parse_dict({**base_defaults, **user})
+        if is_demo(*parsed):
+            parsed = parser.parse_dict({**base_defaults, **demo_defaults, **user})
+        return parsed
+
+    def as_flags(defaults: dict) -> list[str]:
+        flags = []
+        for key, value in defaults.items():
+            values = value if isinstance(value, list) else [value]
+            flags += [f"--{key}", *map(str, values)]
+        return flags
+
+    parsed = parser.parse_args_into_dataclasses(args=as_flags(base_defaults) + argv)
+    if is_demo(*parsed):
+        parsed = parser.parse_args_into_dataclasses(args=as_flags({**base_defaults, **demo_defaults}) + argv)
+    return parsed
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    logging.getLogger("__main__").setLevel(level)
+    import datasets
+    import transformers
+
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def check_supported(model_type: str, supported: tuple[str, ...], task: str) -> None:
+    stock_type = model_type.removeprefix("gpam_")
+    if stock_type not in supported:
+        raise ValueError(
+            f"{task}: architecture {model_type!r} is not supported by this recipe (supported: {', '.join(supported)})"
+        )
+
+
+def resolve_checkpoint(training_args) -> str | None:
+    """The checkpoint folder to resume from, with clear errors for a missing one.
+
+    ``--resume_from_checkpoint True`` (or ``last``) picks the newest ``checkpoint-*`` in ``--output_dir``.
+    """
+    value = training_args.resume_from_checkpoint
+    if value is None or value is False:
+        return None
+    if str(value).lower() in ("true", "last"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {value}: no checkpoint-* folder found in {training_args.output_dir!r}; "
+                "pass the folder of a checkpoint, or train without --resume_from_checkpoint"
+            )
+        return last
+    if not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint: checkpoint folder {value!r} does not exist")
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise ValueError(
+            f"--resume_from_checkpoint: {value!r} is not a Trainer checkpoint (no trainer_state.json); "
+            "pass a checkpoint-* folder written by a training run"
+        )
+    return value
+
+
+def check_checkpoint_matches(checkpoint: str, model) -> None:
+    """Raise a ``ValueError`` when ``checkpoint`` holds weights of another model than ``model`` (other
+    architecture, sizes or daGPAM layout) instead of letting the Trainer fail half-way with a shape error."""
+    from safetensors import safe_open
+
+    weights = os.path.join(checkpoint, "model.safetensors")
+    config_path = os.path.join(checkpoint, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if saved.get("model_type") != model.config.model_type:
+            raise ValueError(
+                f"checkpoint {checkpoint!r} is a {saved.get('model_type')!r} model but this run builds a "
+                f"{model.config.model_type!r} model; use the same --model_type / --model_name_or_path as the run that "
+                "wrote it"
+            )
+    if not os.path.isfile(weights):
+        return
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    mismatched = []
+    with safe_open(weights, framework="pt") as handle:
+        for name in handle.keys():
+            shape = tuple(handle.get_slice(name).get_shape())
+            if expected.get(name) != shape:
+                mismatched.append(f"{name}: checkpoint {shape}, model {expected.get(name, 'missing')}")
+    if mismatched:
+        shown = "; ".join(mismatched[:5]) + (f"; ... ({len(mismatched)} in all)" if len(mismatched) > 5 else "")
+        raise ValueError(
+            f"checkpoint {checkpoint!r} does not match the model of this run ({shown}). Resume with the same "
+            "model and GPAM arguments as the run that wrote it."
+        )
+
+
+def check_data_file(path: str | None, flag: str, extensions: tuple[str, ...]) -> str | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag}: data file {path!r} does not exist")
+    extension = path.rsplit(".", 1)[-1].lower()
+    if extension not in extensions:
+        raise ValueError(f"{flag}: {path!r} has extension {extension!r}; supported: {', '.join(extensions)}")
+    return path
+
+
+def saved_tokenizer_dir(output_dir: str, checkpoint: str | None) -> str | None:
+    """A tokenizer written by an earlier (stopped) run of this recipe, so a resumed run uses the same one."""
+    for candidate in (checkpoint, output_dir):
+        if candidate and os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
+            return candidate
+    return None
+
+
+def load_or_train_tokenizer(model_args, training_args, texts_for_training, checkpoint: str | None):
+    """The checkpoint's tokenizer, ``--tokenizer_name``, or (from scratch) one trained on the training data.
+
+    A trained tokenizer is trained by the main process and saved into ``--output_dir``; other DDP ranks load it.
+    """
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    if source is not None:
+        return AutoTokenizer.from_pretrained(
+            source, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    is_main = training_args.process_index == 0
+    # global main process first: the other ranks wait, then load what it saved into the shared output folder
+    with training_args.main_process_first(local=False, desc="training the tokenizer"):
+        if checkpoint is not None:
+            existing = saved_tokenizer_dir(training_args.output_dir, checkpoint)
+            if existing is not None:
+                return AutoTokenizer.from_pretrained(existing)
+        if not is_main:
+            return AutoTokenizer.from_pretrained(training_args.output_dir)
+        texts = texts_for_training()
+        vocab_size = model_args.tokenizer_vocab_size
+        if model_args.model_type == "marian":
+            return train_marian_sentencepiece(texts, vocab_size, save_directory=training_args.output_dir)
+        return train_byte_level_bpe(
+            texts, vocab_size, model_type=model_args.model_type, save_directory=training_args.output_dir
+        )
+
+
+def scratch_config(model_args, gpam_args, tokenizer):
+    """A GPAM config of ``--model_type`` with the stock defaults, ``--config_overrides`` and the tokenizer's
+    vocabulary and special tokens."""
+    config_class = hf_gpam.ARCHITECTURES[model_args.model_type].config_class
+    config = config_class(**gpam_args.options())
+    if model_args.config_overrides:
+        try:
+            config.update_from_string(model_args.config_overrides)
+        except ValueError as error:
+            raise ValueError(f"--config_overrides {model_args.config_overrides!r}: {error}") from error
+    config.vocab_size = len(tokenizer)
+    if hasattr(config, "decoder_vocab_size"):
+        # Marian sizes its output layer by decoder_vocab_size, fixed at construction from the default vocabulary
+        config.decoder_vocab_size = len(tokenizer)
+    if model_args.model_type == "gpt2":
+        config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+    else:
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.forced_eos_token_id = tokenizer.eos_token_id
+        # Marian starts decoding from the pad token, BART from </s>
+        if model_args.model_type == "marian":
+            config.decoder_start_token_id = tokenizer.pad_token_id
+            config.bos_token_id = tokenizer.pad_token_id
+        else:
+            config.bos_token_id = tokenizer.bos_token_id
+            config.decoder_start_token_id = tokenizer.eos_token_id
+    config.check_gpam_fields()
+    return config
+
+
+def load_model(model_args, gpam_args, auto_class, tokenizer, supported: tuple[str, ...], task: str):
+    """Build the model from one of the three sources and return ``(model, base_model_name)``."""
+    common = dict(attn_implementation=model_args.attn_implementation)
+    if model_args.model_name_or_path is None:
+        config = scratch_config(model_args, gpam_args, tokenizer)
+        check_supported(config.model_type, supported, task)
+        return auto_class.from_config(config, **common), None
+
+    hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **hub
+    )
+    check_supported(config.model_type, supported, task)
+    model = auto_class.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **hub, **common
+    )
+    if hf_gpam.is_gpam_model(model):
+        ignored = gpam_args.explicitly_set()
+        if ignored:
+            logger.warning(
+                "%s is already a GPAM checkpoint: its own gpam_* settings are kept and %s are ignored",
+                model_args.model_name_or_path, ", ".join(ignored),
+            )
+        return model, model_args.model_name_or_path
+    return hf_gpam.patch_model(model, **gpam_args.options()), model_args.model_name_or_path
+
+
+def apply_lora(model, model_args, task_type: str):
+    """Wrap ``model`` with LoRA adapters on the architecture's default targets (or ``--lora_target_modules``),
+    including daGPAM's ``gpam_q_neg``, and train every ``gpam_lambda`` in full through ``modules_to_save``."""
+    from peft import LoraConfig, get_peft_model
+
+    architecture = model.config.model_type.removeprefix("gpam_")
+    targets = model_args.lora_target_modules or DEFAULT_LORA_TARGETS[architecture]
+    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    # a softmax-mode model has no gpam_q_neg; PEFT refuses targets that match nothing
+    targets = [t for t in targets if t in module_names or "." in t]
+    if not targets:
+        raise ValueError(f"--lora_target_modules: none of {model_args.lora_target_modules} is a module of the model")
+    has_trainable_lambda = any(
+        isinstance(getattr(module, "gpam_lambda", None), torch.nn.Module)
+        and any(p.requires_grad for p in module.gpam_lambda.parameters())
+        for module in model.modules()
+    )
+    lora_config = LoraConfig(
+        task_type=task_type,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=LORA_MODULES_TO_SAVE if has_trainable_lambda else None,
+        # GPT-2's c_attn / c_proj / c_fc are Conv1D (weight stored transposed); PEFT resets it for nn.Linear
+        fan_in_fan_out=architecture == "gpt2",
+    )
+    model = get_peft_model(model, lora_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA on %s (+ modules_to_save %s): %d of %d parameters trainable", targets,
+                lora_config.modules_to_save, trainable, total)
+    return model
+
+
+def recipe_command(script: str, argv) -> str:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", script, *map(shlex.quote, argv)])
+
+
+def write_outputs(trainer, model, tokenizer, model_args, results: dict, card: dict) -> None:
+    """Save the finished run as a Hub-ready folder in ``--output_dir`` (main process only).
+
+    - full fine-tuning: weights, config with auto_map, modeling code, tokenizer, all_results.json, README.md;
+    - ``--use_lora``: the adapter, tokenizer, results and card; with ``--merge_lora`` the merged full model is the
+      folder's model and the adapter goes to ``adapter/``.
+    """
+    output_dir = trainer.args.output_dir
+    if not trainer.is_world_process_zero():
+        return
+    results = {**results, "gpam_lambdas": gpam_lambda_values(model)}
+    if model_args.use_lora and not model_args.merge_lora:
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, "all_results.json"), "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=4, sort_keys=True)
+        base = model.get_base_model()
+        text = render_model_card(base, results=results, limitations=(
+            "This folder holds a LoRA adapter: load the GPAM base model it was trained on (the base checkpoint "
+            "converted with hf_gpam.patch_model and the gpam_* settings of config.json in this card) and "
+            "attach it with peft.PeftModel.from_pretrained."), **card)
+        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return
+    if model_args.use_lora:
+        model.save_pretrained(os.path.join(output_dir, "adapter"))
+        model = model.merge_and_unload()
+    save_hub_ready(model, output_dir, tokenizer=tokenizer, results=results, **card)
+
+
+def push_folder(trainer, commit_message: str) -> None:
+    """Upload the finished folder (not the intermediate checkpoints) to the run's Hub repository."""
+    if not (trainer.args.push_to_hub and trainer.is_world_process_zero()):
+        return
+    from huggingface_hub import upload_folder
+
+    upload_folder(
+        repo_id=trainer.hub_model_id or trainer.args.hub_model_id,
+        folder_path=trainer.args.output_dir,
+        commit_message=commit_message,
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**"],
+        token=trainer.args.hub_token,
+    )
