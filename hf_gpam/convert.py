@@ -1,0 +1,221 @@
+"""``hf-gpam convert MODEL --output_dir DIR``: patch a stock checkpoint with daGPAM and write a Hub-ready folder.
+
+No training happens: the folder holds the patched weights (λ = 0 by default, so the model computes what the stock
+one did), the self-contained modeling code (``trust_remote_code=True`` loads it without hf_gpam), the tokenizer
+when the checkpoint has one, and a model card. The largest logit change caused by the conversion, measured on a
+small random batch, is printed and recorded in the card.
+
+Example:
+
+```bash
+hf-gpam convert gpt2 --output_dir outputs/gpt2-dagpam
+hf-gpam convert Helsinki-NLP/opus-mt-en-de --output_dir outputs/opus-mt-en-de-dagpam --gpam_layers 0 1 2
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+from dataclasses import MISSING, fields
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from .architectures import ARCHITECTURES, supported_model_types
+from .hub import save_hub_ready
+from .modeling.gpam_config_fields import GpamConfigFields
+from .patching import is_gpam_model, patch_model
+
+
+logger = logging.getLogger(__name__)
+
+TASKS = {"auto": None, "causal-lm": AutoModelForCausalLM, "seq2seq-lm": AutoModelForSeq2SeqLM, "base": AutoModel}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_gpam_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--gpam_*`` option per GPAM config field, with the field's help text; unset options keep
+    ``patch_model``'s defaults (notably λ = 0)."""
+    group = parser.add_argument_group("daGPAM options (the gpam_* config fields)")
+    for spec in fields(GpamConfigFields):
+        help_text = spec.metadata.get("help", "")
+        kwargs = {"default": None, "help": help_text}
+        if spec.name in ("gpam_layers",):
+            kwargs.update(type=int, nargs="+")
+        elif spec.name == "gpam_attention_types":
+            kwargs.update(nargs="+")
+        elif spec.name in ("gpam_tie_lambda", "gpam_lambda_trainable"):
+            kwargs.update(type=_parse_bool, metavar="{true,false}")
+        elif spec.name in ("gpam_lambda_init", "gpam_lambda_neg_init"):
+            kwargs.update(type=float)
+        if spec.default is not MISSING and spec.name != "gpam_lambda_init":
+            kwargs["help"] = f"{help_text} (default: {spec.default})"
+        group.add_argument(f"--{spec.name}", **kwargs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a stock GPT-2 / BART / Marian checkpoint: local folder or Hub id")
+    parser.add_argument("--output_dir", required=True, help="the folder to write")
+    parser.add_argument(
+        "--task", choices=sorted(TASKS), default="auto",
+        help="which head to load: causal-lm, seq2seq-lm, base (no head), or auto (from the checkpoint's config)",
+    )
+    parser.add_argument("--revision", default="main", help="Hub revision of MODEL to convert")
+    parser.add_argument("--repo_id", default=None, help="the Hub repository the folder is meant for (model card)")
+    parser.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager"))
+    add_gpam_arguments(parser)
+
+
+def _auto_class(config, task: str):
+    if TASKS[task] is not None:
+        return TASKS[task]
+    architectures = getattr(config, "architectures", None) or []
+    if any(name.endswith(("LMHeadModel", "ForCausalLM")) for name in architectures):
+        return AutoModelForCausalLM
+    if any(name.endswith(("ForConditionalGeneration", "MTModel")) for name in architectures):
+        return AutoModelForSeq2SeqLM
+    if architectures:
+        return AutoModel
+    # no architectures recorded: the usual head of the model type
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _dummy_inputs(model, config) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(config.vocab_size, 1000)
+    ids = torch.randint(3, vocab, (2, 8), generator=generator)
+    inputs = {"input_ids": ids}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = torch.randint(3, vocab, (2, 5), generator=generator)
+    return inputs
+
+
+def _first_output(output) -> torch.Tensor:
+    return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
+
+
+def convert_checkpoint(
+    model_name_or_path: str,
+    output_dir: str,
+    *,
+    task: str = "auto",
+    revision: str = "main",
+    repo_id: str | None = None,
+    attn_implementation: str = "sdpa",
+    command: str | None = None,
+    **gpam_options,
+) -> dict:
+    """Patch ``model_name_or_path`` with daGPAM and write a Hub-ready folder to ``output_dir``.
+
+    Returns a summary: the GPAM class, the number of new parameters, the largest absolute change of the logits
+    (or last hidden states) on a fixed random batch, and the files written.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from transformers import GPT2LMHeadModel
+    >>> from hf_gpam.convert import convert_checkpoint
+    >>> from hf_gpam.testing_utils import tiny_stock_config
+    >>> stock_dir, out_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> GPT2LMHeadModel(tiny_stock_config("gpt2")).save_pretrained(stock_dir)
+    >>> convert_checkpoint(stock_dir, out_dir)["model_class"]
+    'GpamGPT2LMHeadModel'
+    ```
+    """
+    config = AutoConfig.from_pretrained(model_name_or_path, revision=revision)
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"hf-gpam convert: {model_name_or_path!r} has model_type {config.model_type!r}, which is not supported "
+            f"(supported: {supported_model_types()}; GPAM checkpoints need no conversion)"
+        )
+    if task not in TASKS:
+        raise ValueError(f"hf-gpam convert: task {task!r} is not one of {', '.join(sorted(TASKS))}")
+    auto_class = _auto_class(config, task)
+    model = auto_class.from_pretrained(model_name_or_path, revision=revision, attn_implementation=attn_implementation)
+    model.eval()
+    inputs = _dummy_inputs(model, config)
+    with torch.no_grad():
+        before = _first_output(model(**inputs))
+        model = patch_model(model, **gpam_options)
+        after = _first_output(model(**inputs))
+    max_change = (after - before).abs().max().item()
+    if not is_gpam_model(model):
+        raise RuntimeError("hf-gpam convert: patch_model did not produce a GPAM model")
+
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, revision=revision)
+    except (OSError, ValueError, TypeError) as error:
+        # a weights-only checkpoint is fine: the folder is then written without a tokenizer
+        logger.warning("no tokenizer saved: could not load one from %s (%s)", model_name_or_path, error)
+
+    new_parameters = sum(p.numel() for name, p in model.named_parameters() if ".gpam_" in name)
+    results = {"conversion_max_abs_output_change": max_change, "gpam_new_parameters": new_parameters}
+    files = save_hub_ready(
+        model,
+        output_dir,
+        tokenizer=tokenizer,
+        repo_id=repo_id,
+        base_model=model_name_or_path,
+        command=command,
+        summary=(
+            f"`{model_name_or_path}` converted to daGPAM attention with hf_gpam, without training. With λ = "
+            f"{_lambda_summary(model)} the model computes what the original computes (largest output change on a "
+            f"random batch: {max_change:.2e}); fine-tune it to learn λ."
+        ),
+        limitations="Not trained after conversion: expect the original model's quality until λ is fine-tuned.",
+    )
+    return {
+        "model_class": type(model).__name__,
+        "gpam_new_parameters": new_parameters,
+        "max_abs_output_change": max_change,
+        "tokenizer_saved": tokenizer is not None,
+        "files": files,
+    }
+
+
+def _lambda_summary(model) -> str:
+    values = sorted({round(v, 6) for p in (m.gpam_lambda.weight for m in model.modules() if hasattr(m, "gpam_lambda"))
+                     for v in p.flatten().tolist()})
+    return ", ".join(map(str, values)) if values else "(no daGPAM modules)"
+
+
+def run(args: argparse.Namespace) -> int:
+    gpam_options = {
+        spec.name: getattr(args, spec.name)
+        for spec in fields(GpamConfigFields)
+        if getattr(args, spec.name, None) is not None
+    }
+    # rebuilt from the parsed arguments: sys.argv is not this command when run() is called from Python
+    words = ["hf-gpam", "convert", args.model, "--output_dir", args.output_dir]
+    if args.task != "auto":
+        words += ["--task", args.task]
+    if args.revision != "main":
+        words += ["--revision", args.revision]
+    for name, value in gpam_options.items():
+        words += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    command = " ".join(map(shlex.quote, words))
+    summary = convert_checkpoint(
+        args.model,
+        args.output_dir,
+        task=args.task,
+        revision=args.revision,
+        repo_id=args.repo_id,
+        attn_implementation=args.attn_implementation,
+        command=command,
+        **gpam_options,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
