@@ -9,6 +9,7 @@ import sys
 
 # sub-command -> (module, one-line help); modules are imported only when their command runs
 COMMANDS = {
+    "convert": ("hf_gpam.convert", "patch a stock checkpoint with daGPAM and write a Hub-ready folder (no training)"),
     "demo": ("hf_gpam.demo", "build a GPAM model, patch a stock one, save and reload it with trust_remote_code"),
     "diagnose": ("hf_gpam.diagnose_cli", "per-layer rank collapse, gradients and attention maps of models on text"),
     "compare-curves": ("hf_gpam.compare_curves_cli", "training-log curves of several Trainer output dirs on one figure"),
