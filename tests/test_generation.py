@@ -77,3 +77,14 @@ def test_cache_holds_only_stock_keys_and_values(model_type):
             assert tuple(layer.keys.shape) == expected and tuple(layer.values.shape) == expected, kind
             extra = {k for k, v in vars(layer).items() if isinstance(v, torch.Tensor)} - {"keys", "values"}
             assert not extra, f"{kind} cache holds extra tensors {extra}"
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_static_cache_generates_the_same_tokens(implementation):
+    # a static cache hands the attention more keys than queries at prefill
+    model = sharpen_attention(gpam_model("gpt2", attn_implementation=implementation, gpam_lambda_init=0.7))
+    inputs = model_inputs("gpt2", left_padding=True)
+    with torch.no_grad():
+        static = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=0)
+        uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    torch.testing.assert_close(static, uncached, atol=0, rtol=0)

@@ -272,3 +272,14 @@ def test_gpt2_cross_attention_identity_and_backend_agreement(implementation):
         other = "sdpa" if implementation == "eager" else "eager"
         patched.set_attn_implementation(other)
         assert_same_outputs("gpt2", inputs, patched(**inputs, **extra), mine)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gpt2_layer_index_scaling_and_upcast_are_kept(implementation):
+    stock = stock_model(
+        "gpt2", attn_implementation=implementation, reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True
+    )
+    inputs = model_inputs("gpt2")
+    with torch.no_grad():
+        expected = stock(**inputs)
+        assert_same_outputs("gpt2", inputs, hf_gpam.patch_model(stock)(**inputs), expected)
