@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .gpam_eager_autograd import EagerGpamFunction, fast_path_applies
+
 
 def negative_query(query: torch.Tensor, q_neg_weight: torch.Tensor) -> torch.Tensor:
     """Q⁻ = ReLU(Q⁺) W⁻ for ``query`` of shape (B, H, Tq, D); W⁻ is shared by all heads."""
@@ -111,9 +113,14 @@ def eager_gpam_attention(
     Returns:
         ``(output, p_gpam)``: output (B, H, Tq, D) and the signed map P_G (B, H, Tq, Tk) in ``value``'s dtype.
     """
+    q_neg = negative_query(query, q_neg_weight)
+    if fast_path_applies(query, key, value, q_neg, attention_mask, upcast):
+        # same numbers with a fraction of the T×T buffers; see gpam_eager_autograd
+        return EagerGpamFunction.apply(
+            query, q_neg, key, value, lambda_pos, lambda_neg, attention_mask, scaling, is_causal, dropout_p
+        )
     mask = additive_mask(attention_mask, torch.float32 if upcast else query.dtype)
     p_pos = torch.softmax(_scores(query, key, scaling, mask, is_causal, upcast), dim=-1)
-    q_neg = negative_query(query, q_neg_weight)
     p_neg = torch.softmax(_scores(q_neg, key, scaling, mask, is_causal, upcast), dim=-1)
     # (B, H, Tq, Tk)
     p_gpam = combine_dual_attention(p_pos, p_neg, lambda_pos, lambda_neg).to(value.dtype)
