@@ -103,8 +103,8 @@ def l1_inf_norm(matrix: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     ```python
     >>> import torch
     >>> from hf_gpam.diagnostics import l1_inf_norm
-    >>> l1_inf_norm(torch.tensor([[1.0, -2.0], [3.0, 0.0]])).item()  # sqrt(max(4, 2) * max(3, 3))
-    3.4641016151377544
+    >>> round(l1_inf_norm(torch.tensor([[1.0, -2.0], [3.0, 0.0]])).item(), 4)  # sqrt(max(4, 2) * max(3, 3))
+    3.4641
     ```
     """
     absolute = matrix.abs()
@@ -135,9 +135,11 @@ def rank_collapse_residual_l1inf(
     ```python
     >>> import torch
     >>> from hf_gpam.diagnostics import rank_collapse_residual_l1inf
-    >>> x = torch.tensor([[0.0], [0.0], [3.0]])  # best x = 0: residual (0, 0, 3), ‖·‖_{1,∞} = 3 = ‖X‖_{1,∞}
-    >>> round(rank_collapse_residual_l1inf(x).item(), 6)
-    1.0
+    >>> # one feature: f(x) = sqrt(Σ|X_i − x| · max|X_i − x|) is smallest at x = 1.5 (not the median 0, not
+    >>> # the mean 1): sqrt(4.5 · 1.5) / ‖X‖_{1,∞} = sqrt(6.75) / 3
+    >>> x = torch.tensor([[0.0], [0.0], [3.0]])
+    >>> round(rank_collapse_residual_l1inf(x).item(), 4)
+    0.866
     ```
     """
     single = hidden.dim() == 2
@@ -292,7 +294,7 @@ def is_gpam_attention(module: nn.Module) -> bool:
 
 
 def block_stacks(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The transformer blocks of each stack, in order: ``{"decoder": [...]}`` or ``{"encoder": ..., "decoder": ...}``."""
+    """The transformer blocks of each stack in order: ``{"decoder": [...]}`` (GPT-2) or encoder and decoder."""
     body = model.base_model
     if model_family(model) == "gpt2":
         return {"decoder": list(body.h)}
@@ -542,7 +544,8 @@ def diagnose_model(
         labels: (N, T') targets, -100 to ignore (for BART/Marian the decoder side; its -100 positions are
             excluded from the decoder statistics).
         name: recorded in the result.
-        l1inf_refine_steps: optimisation steps for the ℓ1,∞ residual's centre (see ``rank_collapse_residual_l1inf``).
+        l1inf_refine_steps: optimisation steps for the ℓ1,∞ residual's centre
+            (see ``rank_collapse_residual_l1inf``).
 
     Example:
 

@@ -221,7 +221,11 @@ def read_trainer_log(output_dir: str) -> list[dict]:
 
 
 def plot_training_curves(
-    runs: Mapping[str, list[dict]], path: str, *, metrics: Sequence[str] = ("loss", "eval_loss"), title: str | None = None
+    runs: Mapping[str, list[dict]],
+    path: str,
+    *,
+    metrics: Sequence[str] = ("loss", "eval_loss"),
+    title: str | None = None,
 ) -> str:
     """Training-log curves (``log_history`` entries with ``step``) of several runs, one panel per metric.
 
