@@ -160,6 +160,10 @@ def convert_checkpoint(
     except (OSError, ValueError, TypeError) as error:
         # a weights-only checkpoint is fine: the folder is then written without a tokenizer
         logger.warning("no tokenizer saved: could not load one from %s (%s)", model_name_or_path, error)
+    # transformers 5 builds an empty tokenizer (special tokens only) for a folder without tokenizer files
+    if tokenizer is not None and len(tokenizer) <= len(tokenizer.all_special_tokens):
+        logger.warning("no tokenizer saved: %s has no tokenizer files", model_name_or_path)
+        tokenizer = None
 
     new_parameters = sum(p.numel() for name, p in model.named_parameters() if ".gpam_" in name)
     results = {"conversion_max_abs_output_change": max_change, "gpam_new_parameters": new_parameters}
