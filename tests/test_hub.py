@@ -41,6 +41,7 @@ try:
 except ImportError:
     pass
 model = getattr(transformers, auto_class).from_pretrained(folder, trust_remote_code=True).eval()
+base = transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)
 inputs = {k: torch.tensor(v) for k, v in json.load(open(inputs_path)).items()}
 with torch.no_grad():
     outputs = model(**inputs)
@@ -51,6 +52,7 @@ with torch.no_grad():
 json.dump(
     {
         "module": type(model).__module__,
+        "base_class": type(base).__name__,
         "logits": outputs.logits.tolist(),
         "generated": generated.tolist(),
         "lambdas": {n: m.gpam_lambda.weight.tolist() for n, m in model.named_modules() if hasattr(m, "gpam_lambda")},
@@ -91,6 +93,7 @@ def test_checkpoint_loads_with_trust_remote_code_without_hf_gpam(tmp_path, model
         )
     loaded = remote_load(folder, model_type, inputs, tmp_path)
     assert loaded["module"].startswith("transformers_modules.")
+    assert loaded["base_class"] == list(hf_gpam.ARCHITECTURES[model_type].model_classes.values())[0].__name__
     torch.testing.assert_close(torch.tensor(loaded["logits"]), logits, atol=1e-5, rtol=1e-5)
     assert loaded["generated"] == generated.tolist()
     assert loaded["lambdas"] == {n: t.tolist() for n, t in model.gpam_lambdas().items()}
@@ -106,8 +109,10 @@ def test_saved_folder_is_complete_and_self_contained(tmp_path, model_type):
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == f"gpam_{model_type}"
+    base_class = list(hf_gpam.ARCHITECTURES[model_type].model_classes.values())[0]
     assert config["auto_map"] == {
         "AutoConfig": f"configuration_gpam_{model_type}.{type(model.config).__name__}",
+        "AutoModel": f"modeling_gpam_{model_type}.{base_class.__name__}",
         AUTO_CLASS[model_type]: f"modeling_gpam_{model_type}.{type(model).__name__}",
     }
     for field_name in GpamConfigFields.__dataclass_fields__:

@@ -3,6 +3,7 @@ initialisation of the daGPAM parameters (also on load), and a few accessors."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -61,6 +62,19 @@ class GpamModelMixin:
         super().initialize_weights()
         for module in self.gpam_modules():
             module.reset_gpam_parameters()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # auto_map gets the saved class only; add every Auto class of this architecture's modeling file, so that
+        # e.g. AutoModel.from_pretrained(lm_checkpoint, trust_remote_code=True) gives the base model
+        module = sys.modules[type(self).__module__]
+        file_name = type(self).__module__.rsplit(".", 1)[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for name, value in vars(module).items():
+            auto_class = getattr(value, "_auto_class", None)
+            if isinstance(value, type) and issubclass(value, GpamModelMixin) and auto_class is not None:
+                auto_map.setdefault(auto_class, f"{file_name}.{name}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def gpam_modules(self) -> list[nn.Module]:
         """The attention modules that run daGPAM, in layer order."""
