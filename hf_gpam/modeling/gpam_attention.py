@@ -48,8 +48,12 @@ class GpamLambda(nn.Module):
     def tied(self) -> bool:
         return self.weight.dim() == 1
 
-    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(λ⁺, λ⁻)``, each of shape (H,)."""
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(λ⁺, λ⁻)``, each of shape (H,).
+
+        A forward call rather than a plain attribute read, so that wrappers such as PEFT's ``modules_to_save``
+        (which route ``forward`` to the trained copy) are honoured.
+        """
         if self.tied:
             return self.weight, self.weight
         return self.weight[0], self.weight[1]
@@ -140,7 +144,7 @@ class GpamAttentionMixin:
         ``eager`` returns the signed map P_G as weights; ``sdpa`` is fused and returns ``None``, as stock sdpa does.
         """
         implementation = self.config._attn_implementation or "eager"
-        lambda_pos, lambda_neg = self.gpam_lambda.coefficients()
+        lambda_pos, lambda_neg = self.gpam_lambda()
         q_neg_weight = self.gpam_q_neg.weight
         is_causal = self.is_causal if is_causal is None else is_causal
         if implementation == "eager":
