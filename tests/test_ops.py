@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from hf_gpam.modeling.gpam_ops import (
     eager_gpam_attention,
+    negative_query,
     reference_gpam_attention,
     sdpa_gpam_attention,
 )
@@ -37,10 +38,12 @@ def padding_mask(b, tq, tk):
 
 
 def run_kernel(name, inputs, scaling, mask, causal):
+    """The kernel's output for the reference's inputs: Q⁻ = ReLU(Q⁺) W⁻ is computed here, as the modules do."""
     query, key, value, w, lp, ln = inputs
-    if name == "eager":
-        return eager_gpam_attention(query, key, value, w, lp, ln, scaling=scaling, attention_mask=mask, is_causal=causal)[0]
-    return sdpa_gpam_attention(query, key, value, w, lp, ln, scaling=scaling, attention_mask=mask, is_causal=causal)
+    query_neg = negative_query(query, w)
+    kernel = KERNELS[name]
+    out = kernel(query, key, value, query_neg, lp, ln, scaling=scaling, attention_mask=mask, is_causal=causal)
+    return out[0] if name == "eager" else out
 
 
 def mask_cases(b, tq, tk):
@@ -99,7 +102,9 @@ def test_tied_rows_sum_to_one_and_contain_negative_entries():
     query, key, value, w, lp, ln = make_inputs(2, 4, 9, 9, 8, lam=0.8)
     # W⁻ = −I: the paper's analysis point
     w = -torch.eye(8)
-    _, p_gpam = eager_gpam_attention(query, key, value, w, lp, ln, scaling=8**-0.5, is_causal=True)
+    _, p_gpam = eager_gpam_attention(
+        query, key, value, negative_query(query, w), lp, ln, scaling=8**-0.5, is_causal=True
+    )
     torch.testing.assert_close(p_gpam.sum(-1), torch.ones(2, 4, 9))
     assert (p_gpam < 0).any(), "daGPAM must produce negative attention weights"
     # entries stay in (−λ⁻, 1 + λ⁺)
@@ -108,14 +113,16 @@ def test_tied_rows_sum_to_one_and_contain_negative_entries():
 
 def test_untied_rows_sum_to_one_plus_lambda_pos_minus_lambda_neg():
     query, key, value, w, lp, ln = make_inputs(2, 3, 6, 6, 8, tied=False)
-    _, p_gpam = eager_gpam_attention(query, key, value, w, lp, ln, scaling=0.4, attention_mask=padding_mask(2, 6, 6))
+    _, p_gpam = eager_gpam_attention(
+        query, key, value, negative_query(query, w), lp, ln, scaling=0.4, attention_mask=padding_mask(2, 6, 6)
+    )
     expected = (1 + lp - ln).view(1, -1, 1).expand(2, 3, 6)
     torch.testing.assert_close(p_gpam.sum(-1), expected)
 
 
 def test_eager_returns_the_reference_map():
-    inputs = make_inputs(2, 2, 7, 7, 4)
-    _, p_gpam = eager_gpam_attention(*inputs, scaling=0.5, is_causal=True)
+    query, key, value, w, lp, ln = inputs = make_inputs(2, 2, 7, 7, 4)
+    _, p_gpam = eager_gpam_attention(query, key, value, negative_query(query, w), lp, ln, scaling=0.5, is_causal=True)
     ref = reference_gpam_attention(*inputs, scaling=0.5, is_causal=True)["p_gpam"]
     torch.testing.assert_close(p_gpam.double(), ref, atol=1e-6, rtol=1e-6)
 
@@ -132,7 +139,7 @@ def test_zero_lambda_is_plain_softmax_attention(kernel):
 def test_eager_causal_mask_is_bottom_right_aligned_for_cached_prefix():
     # 3 new queries after a cache of 4 keys: query i may see keys 0..4+i
     inputs = make_inputs(1, 2, 3, 7, 8)
-    out = eager_gpam_attention(*inputs, scaling=0.3, is_causal=True)[0]
+    out = run_kernel("eager", inputs, 0.3, None, True)
     explicit = torch.ones(3, 7, dtype=torch.bool).tril(diagonal=4)
     ref = reference_gpam_attention(*inputs, scaling=0.3, attention_mask=explicit)["output"]
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)

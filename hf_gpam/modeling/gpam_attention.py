@@ -12,8 +12,11 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import EncoderDecoderCache
+
+from torch.nn import functional as F
 
 from .gpam_ops import eager_gpam_attention, sdpa_gpam_attention
 
@@ -145,13 +148,14 @@ class GpamAttentionMixin:
         """
         implementation = self.config._attn_implementation or "eager"
         lambda_pos, lambda_neg = self.gpam_lambda()
-        q_neg_weight = self.gpam_q_neg.weight
+        # through the module call, so that a LoRA adapter on gpam_q_neg takes part: Q⁻ = ReLU(Q⁺) W⁻
+        query_neg = self.gpam_q_neg(F.relu(query))
         is_causal = self.is_causal if is_causal is None else is_causal
         if implementation == "eager":
             # transformers always hands eager a full mask; causality is applied here only if it did not
             causal = is_causal and attention_mask is None and query.shape[-2] > 1
             output, weights = eager_gpam_attention(
-                query, key, value, q_neg_weight, lambda_pos, lambda_neg,
+                query, key, value, query_neg, lambda_pos, lambda_neg,
                 scaling=self.scaling, attention_mask=attention_mask, is_causal=causal,
                 dropout_p=dropout, upcast=upcast,
             )
@@ -163,7 +167,7 @@ class GpamAttentionMixin:
             if causal and key.shape[-2] > q_len:
                 key, value = key[:, :, :q_len], value[:, :, :q_len]
             output = sdpa_gpam_attention(
-                query, key, value, q_neg_weight, lambda_pos, lambda_neg,
+                query, key, value, query_neg, lambda_pos, lambda_neg,
                 scaling=self.scaling, attention_mask=attention_mask, is_causal=causal, dropout_p=dropout,
             )
             weights = None

@@ -17,8 +17,9 @@ Three implementations live here:
     ``sdpa_gpam_attention``       fused through ``scaled_dot_product_attention``; by linearity
                                   O = (1+λ⁺)·SDPA(Q⁺,K,V) − λ⁻·SDPA(Q⁻,K,V), so no T×T tensor exists.
 
-``W⁻`` is passed as ``q_neg_weight``, the weight of an ``nn.Linear(D, D, bias=False)``, i.e. W⁻ᵀ, so that
-``Q⁻ = F.linear(ReLU(Q⁺), q_neg_weight)``. ``lambda_pos`` / ``lambda_neg`` are ``(H,)`` tensors (float32 in the
+The kernels take Q⁻ itself (``query_neg``), computed by the caller as ``gpam_q_neg(ReLU(Q⁺))`` through the
+module, so that wrappers of that module (PEFT's LoRA) take part. The reference takes ``W⁻`` as
+``q_neg_weight``, the weight of an ``nn.Linear(D, D, bias=False)``, i.e. W⁻ᵀ: ``Q⁻ = F.linear(ReLU(Q⁺), W⁻ᵀ)``. ``lambda_pos`` / ``lambda_neg`` are ``(H,)`` tensors (float32 in the
 models); the combination of the two maps is done in at least float32.
 """
 
@@ -91,7 +92,7 @@ def eager_gpam_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    q_neg_weight: torch.Tensor,
+    query_neg: torch.Tensor,
     lambda_pos: torch.Tensor,
     lambda_neg: torch.Tensor,
     *,
@@ -104,7 +105,8 @@ def eager_gpam_attention(
     """daGPAM with the maps materialised.
 
     Args:
-        query: (B, H, Tq, D). key, value: (B, H, Tk, D).
+        query: Q⁺ (B, H, Tq, D). key, value: (B, H, Tk, D).
+        query_neg: Q⁻ = ReLU(Q⁺) W⁻ (B, H, Tq, D), see ``negative_query``.
         attention_mask: additive float or boolean (True = attend) mask broadcastable to (B, H, Tq, Tk).
         is_causal: apply a bottom-right aligned causal mask on top of ``attention_mask``.
         dropout_p: dropout on the combined map P_G (pass 0.0 at inference).
@@ -113,15 +115,14 @@ def eager_gpam_attention(
     Returns:
         ``(output, p_gpam)``: output (B, H, Tq, D) and the signed map P_G (B, H, Tq, Tk) in ``value``'s dtype.
     """
-    q_neg = negative_query(query, q_neg_weight)
-    if fast_path_applies(query, key, value, q_neg, attention_mask, upcast):
+    if fast_path_applies(query, key, value, query_neg, attention_mask, upcast):
         # same numbers with a fraction of the T×T buffers; see gpam_eager_autograd
         return EagerGpamFunction.apply(
-            query, q_neg, key, value, lambda_pos, lambda_neg, attention_mask, scaling, is_causal, dropout_p
+            query, query_neg, key, value, lambda_pos, lambda_neg, attention_mask, scaling, is_causal, dropout_p
         )
     mask = additive_mask(attention_mask, torch.float32 if upcast else query.dtype)
     p_pos = torch.softmax(_scores(query, key, scaling, mask, is_causal, upcast), dim=-1)
-    p_neg = torch.softmax(_scores(q_neg, key, scaling, mask, is_causal, upcast), dim=-1)
+    p_neg = torch.softmax(_scores(query_neg, key, scaling, mask, is_causal, upcast), dim=-1)
     # (B, H, Tq, Tk)
     p_gpam = combine_dual_attention(p_pos, p_neg, lambda_pos, lambda_neg).to(value.dtype)
     if dropout_p > 0.0:
@@ -133,7 +134,7 @@ def sdpa_gpam_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    q_neg_weight: torch.Tensor,
+    query_neg: torch.Tensor,
     lambda_pos: torch.Tensor,
     lambda_neg: torch.Tensor,
     *,
@@ -152,13 +153,12 @@ def sdpa_gpam_attention(
     Returns the output (B, H, Tq, D).
     """
     q_len = query.shape[-2]
-    q_neg = negative_query(query, q_neg_weight)
     if is_causal:
         out_pos = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=True, scale=scaling
         )
         out_neg = F.scaled_dot_product_attention(
-            q_neg, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=True, scale=scaling
+            query_neg, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=True, scale=scaling
         )
     else:
         mask = attention_mask
@@ -166,7 +166,7 @@ def sdpa_gpam_attention(
             # one mask row per query row: the stacked queries need the rows twice
             mask = torch.cat([mask, mask], dim=-2)
         # (B, H, 2·Tq, D)
-        stacked = torch.cat([query, q_neg], dim=-2)
+        stacked = torch.cat([query, query_neg], dim=-2)
         out = F.scaled_dot_product_attention(
             stacked, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scaling
         )
