@@ -144,6 +144,10 @@ def parse_arguments(dataclass_types, argv, base_defaults: dict, demo_defaults: d
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(dataclass_types)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # several processes without GPUs (e.g. `accelerate launch --multi_gpu` on a CPU machine): the Trainer only
+        # sets up gloo DDP with use_cpu; otherwise every rank silently trains its own copy of the model alone
+        base_defaults = {**base_defaults, "use_cpu": True}
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0], encoding="utf-8") as handle:
             user = json.load(handle)

@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
         is_demo=is_demo,
     )
     setup_logging(training_args)
-    logger.info("world size %d, process %d", training_args.world_size, training_args.process_index)
+    if training_args.world_size > 1:
+        # every rank says it is there (replica loggers are quiet by default)
+        print(f"world size {training_args.world_size}, process {training_args.process_index}", flush=True)
     set_seed(training_args.seed)
     checkpoint = resolve_checkpoint(training_args)
 

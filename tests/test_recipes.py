@@ -1,0 +1,281 @@
+"""The training recipes, end to end on tiny models: each ``main()`` is called with a small argv, and the results
+are read back from ``all_results.json`` and from the saved folder reloaded with ``trust_remote_code``."""
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartForConditionalGeneration, GPT2LMHeadModel
+
+from hf_gpam.data import number_translation_pairs, stdlib_docstring_corpus, train_byte_level_bpe
+from hf_gpam.hub import hub_ready_problems
+from hf_gpam.testing_utils import tiny_stock_config
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+import gpam_recipe_utils  # noqa: E402
+import run_clm_gpam  # noqa: E402
+import run_translation_gpam  # noqa: E402
+
+
+TINY_GPT2 = "n_layer=2,n_embd=32,n_head=4,n_positions=64"
+TINY_SEQ2SEQ = (
+    "d_model=32,encoder_layers=1,decoder_layers=1,encoder_attention_heads=4,decoder_attention_heads=4,"
+    "encoder_ffn_dim=64,decoder_ffn_dim=64,max_position_embeddings=64"
+)
+FAST = ["--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "True"]
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clm_data")
+    corpus = stdlib_docstring_corpus(max_chars=30_000)
+    (folder / "train.txt").write_text("\n".join(corpus[:-20]) + "\n")
+    (folder / "validation.txt").write_text("\n".join(corpus[-20:]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def translation_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("translation_data")
+    for name, n, seed in (("train", 300, 0), ("validation", 12, 1)):
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+            for pair in number_translation_pairs(n, seed=seed):
+                handle.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    return folder
+
+
+def clm_args(text_files, output_dir, *extra):
+    return [
+        "--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--tokenizer_vocab_size", "300",
+        "--train_file", str(text_files / "train.txt"), "--validation_file", str(text_files / "validation.txt"),
+        "--block_size", "32", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--learning_rate", "3e-3", "--do_train", "--do_eval", "--output_dir", str(output_dir), *FAST, *extra,
+    ]
+
+
+def read_results(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "all_results.json").read_text())
+
+
+def test_clm_from_scratch_trains_and_saves_hub_ready_folder(text_files, tmp_path):
+    results = run_clm_gpam.main(clm_args(text_files, tmp_path / "out", "--max_steps", "8"))
+    saved = read_results(tmp_path / "out")
+    assert saved["world_size"] == 1 and saved["gpam_mode"] == "dagpam"
+    assert saved["perplexity"] == pytest.approx(math.exp(saved["eval_loss"]))
+    assert saved["eval_loss"] < saved["init_eval_loss"], "8 steps at lr 3e-3 must lower the eval loss"
+    assert saved["eval_loss"] == pytest.approx(results["eval_loss"])
+    assert hub_ready_problems(tmp_path / "out") == []
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    assert model.config.model_type == "gpam_gpt2" and model.config.use_cache is True
+    # λ was trained (started at 0.5) and the card and all_results report the values the checkpoint holds
+    lam = model.transformer.h[0].attn.gpam_lambda.weight
+    assert not torch.allclose(lam, torch.full_like(lam, 0.5))
+    assert saved["gpam_lambdas"]["transformer.h.0.attn"] == pytest.approx(lam.tolist())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "python recipes/run_clm_gpam.py --model_type gpt2" in card and "- gpam" in card
+
+
+def test_translation_from_scratch_with_json_config_generate_and_beams(translation_files, tmp_path):
+    args = {
+        "model_type": "marian", "config_overrides": TINY_SEQ2SEQ, "tokenizer_vocab_size": 200,
+        "train_file": str(translation_files / "train.jsonl"),
+        "validation_file": str(translation_files / "validation.jsonl"),
+        "source_lang": "en", "target_lang": "de", "max_steps": 6, "per_device_train_batch_size": 8,
+        "learning_rate": 3e-3, "do_train": True, "do_eval": True, "predict_with_generate": True, "num_beams": 2,
+        "val_max_target_length": 24, "output_dir": str(tmp_path / "out"), "report_to": "none", "save_strategy": "no",
+    }
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    run_translation_gpam.main([str(tmp_path / "args.json")])
+    saved = read_results(tmp_path / "out")
+    assert saved["num_beams"] == 2 and 0.0 <= saved["eval_bleu"] <= 100.0 and 0.0 <= saved["eval_chrf"] <= 100.0
+    assert saved["eval_loss"] < saved["init_eval_loss"]
+    predictions = (tmp_path / "out" / "eval_generated_predictions.txt").read_text().splitlines()
+    assert len(predictions) == 12
+    assert hub_ready_problems(tmp_path / "out") == []
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert model.config.model_type == "gpam_marian" and len(model.gpam_lambdas()) == 3
+
+
+def test_translation_patches_stock_bart_and_softmax_baseline(translation_files, tmp_path):
+    torch.manual_seed(0)
+    texts = [p["translation"][lang] for p in number_translation_pairs(300) for lang in ("en", "de")]
+    tokenizer = train_byte_level_bpe(texts, vocab_size=400, model_type="bart", save_directory=str(tmp_path / "bart"))
+    BartForConditionalGeneration(tiny_stock_config("bart", vocab_size=len(tokenizer))).save_pretrained(tmp_path / "bart")
+    common = [
+        "--model_name_or_path", str(tmp_path / "bart"), "--train_file", str(translation_files / "train.jsonl"),
+        "--validation_file", str(translation_files / "validation.jsonl"), "--max_steps", "2",
+        "--do_train", "--do_eval", *FAST,
+    ]
+    run_translation_gpam.main([*common, "--output_dir", str(tmp_path / "dagpam"), "--gpam_layers", "0"])
+    config = json.loads((tmp_path / "dagpam" / "config.json").read_text())
+    assert config["model_type"] == "gpam_bart" and config["gpam_lambda_init"] == 0.0 and config["gpam_layers"] == [0]
+    assert "facebook" not in (tmp_path / "dagpam" / "README.md").read_text()
+    assert f"base_model: {tmp_path / 'bart'}" in (tmp_path / "dagpam" / "README.md").read_text()
+
+    run_translation_gpam.main([*common, "--output_dir", str(tmp_path / "softmax"), "--gpam_mode", "softmax"])
+    weights = load_file(tmp_path / "softmax" / "model.safetensors")
+    assert read_results(tmp_path / "softmax")["gpam_mode"] == "softmax"
+    assert not [k for k in weights if "gpam_" in k], "the softmax baseline must not carry daGPAM parameters"
+
+
+def test_lora_targets_gpam_parameters_and_merges(text_files, tmp_path):
+    torch.manual_seed(0)
+    stock_dir = tmp_path / "gpt2"
+    tokenizer = train_byte_level_bpe(
+        stdlib_docstring_corpus(max_chars=30_000), vocab_size=300, model_type="gpt2", save_directory=str(stock_dir)
+    )
+    GPT2LMHeadModel(tiny_stock_config("gpt2", vocab_size=len(tokenizer))).save_pretrained(stock_dir)
+    out = tmp_path / "lora"
+    run_clm_gpam.main([
+        "--model_name_or_path", str(stock_dir), "--train_file", str(text_files / "train.txt"),
+        "--validation_file", str(text_files / "validation.txt"), "--block_size", "32", "--max_steps", "4",
+        "--learning_rate", "5e-2", "--per_device_train_batch_size", "4", "--do_train", "--do_eval",
+        "--use_lora", "--merge_lora", "--output_dir", str(out), *FAST,
+    ])
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert {"c_attn", "c_proj", "gpam_q_neg"} <= set(adapter_config["target_modules"])
+    assert adapter_config["modules_to_save"] == ["gpam_lambda"]
+    adapter_weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any("gpam_q_neg.lora_A" in k for k in adapter_weights)
+    assert any("gpam_lambda" in k for k in adapter_weights)
+
+    merged = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert hub_ready_problems(out) == []
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    # patched at λ = 0; λ trained through modules_to_save must have moved and been merged into the model
+    lam = merged.transformer.h[1].attn.gpam_lambda.weight
+    assert lam.abs().max() > 1e-4
+    assert read_results(out)["gpam_lambdas"]["transformer.h.1.attn"] == pytest.approx(lam.tolist())
+
+
+def test_resume_continues_a_stopped_run_exactly(text_files, tmp_path):
+    args = clm_args(text_files, tmp_path / "run", "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3",
+                    "--eval_before_training", "False")
+    run_clm_gpam.main(args)
+    uninterrupted = load_file(tmp_path / "run" / "model.safetensors")
+    # as if the run had been killed between step 3 and step 6
+    shutil.rmtree(tmp_path / "run" / "checkpoint-6")
+    (tmp_path / "run" / "model.safetensors").unlink()
+    run_clm_gpam.main([*args, "--resume_from_checkpoint", "True"])
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert min(entry["step"] for entry in state["log_history"] if "loss" in entry) == 1
+    resumed = load_file(tmp_path / "run" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_clear_errors(text_files, translation_files, tmp_path):
+    base = clm_args(text_files, tmp_path / "err", "--max_steps", "1")
+    with pytest.raises(ValueError, match="checkpoint folder .* does not exist"):
+        run_clm_gpam.main([*base, "--resume_from_checkpoint", str(tmp_path / "nope")])
+    with pytest.raises(ValueError, match="no checkpoint-\\* folder found"):
+        run_clm_gpam.main([*base, "--resume_from_checkpoint", "True"])
+    with pytest.raises(ValueError, match="--train_file: data file .* does not exist"):
+        run_clm_gpam.main([*base, "--train_file", str(tmp_path / "missing.txt")])
+    with pytest.raises(ValueError, match="--target_lang 'fr' is not a language of the train data \\(languages: de, en\\)"):
+        run_translation_gpam.main([
+            "--model_type", "marian", "--train_file", str(translation_files / "train.jsonl"), "--target_lang", "fr",
+            "--output_dir", str(tmp_path / "err2"), "--do_train",
+        ])
+    with pytest.raises(ValueError, match="architecture 'gpam_gpt2' is not supported by this recipe"):
+        run_translation_gpam.main([
+            "--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--train_file",
+            str(translation_files / "train.jsonl"), "--output_dir", str(tmp_path / "err3"), "--do_train",
+        ])
+    with pytest.raises(ValueError, match="--model_type 't5' is not supported"):
+        run_clm_gpam.main([*base, "--model_type", "t5"])
+
+    # a checkpoint of a wider model cannot be resumed into this one
+    run_clm_gpam.main(clm_args(text_files, tmp_path / "wide", "--max_steps", "2", "--save_strategy", "steps",
+                               "--save_steps", "2", "--eval_before_training", "False", "--do_eval", "False"))
+    narrow = [*clm_args(text_files, tmp_path / "narrow", "--max_steps", "4"), "--config_overrides",
+              "n_layer=2,n_embd=16,n_head=4,n_positions=64", "--tokenizer_name", str(tmp_path / "wide")]
+    with pytest.raises(ValueError, match="does not match the model of this run .*c_attn.weight: checkpoint \\(32, 96\\), model \\(16, 48\\)"):
+        run_clm_gpam.main([*narrow, "--resume_from_checkpoint", str(tmp_path / "wide" / "checkpoint-2")])
+
+
+def test_embedded_defaults_build_and_tokenize(tmp_path):
+    """No model and no data arguments: the embedded corpus / task and the demo defaults are used (shrunk here)."""
+    results = run_clm_gpam.main([
+        "--output_dir", str(tmp_path / "clm"), "--max_steps", "1", "--default_corpus_chars", "20000",
+        "--config_overrides", "n_layer=1,n_embd=32,n_head=4,n_positions=64", "--block_size", "64",
+        "--tokenizer_vocab_size", "300", "--max_eval_samples", "2", "--eval_before_training", "False", *FAST,
+    ])
+    assert results["train_blocks"] > 20 and results["block_size"] == 64
+    # demo defaults were applied (from scratch, daGPAM, train and eval) while the user's flags won
+    assert results["gpam_mode"] == "dagpam" and "eval_loss" in results and "train_loss" in results
+    assert json.loads((tmp_path / "clm" / "config.json").read_text())["n_embd"] == 32
+
+    results = run_translation_gpam.main([
+        "--output_dir", str(tmp_path / "mt"), "--max_steps", "1", "--default_train_pairs", "200",
+        "--default_eval_pairs", "4", "--config_overrides", TINY_SEQ2SEQ, "--tokenizer_vocab_size", "200",
+        "--val_max_target_length", "8", "--eval_before_training", "False", *FAST,
+    ])
+    assert results["train_pairs"] == 200 and "eval_bleu" in results
+    assert (tmp_path / "mt" / "source.spm").is_file()
+
+
+def test_parse_defaults_apply_only_to_the_embedded_run():
+    parsed = gpam_recipe_utils.parse_arguments(
+        (gpam_recipe_utils.ModelArguments, gpam_recipe_utils.GpamArguments, run_clm_gpam.DataTrainingArguments,
+         run_clm_gpam.TrainingArguments),
+        ["--model_name_or_path", "gpt2", "--dataset_name", "wikitext"],
+        base_defaults={"output_dir": "outputs/x"}, demo_defaults=run_clm_gpam.DEMO_DEFAULTS,
+        is_demo=run_clm_gpam.is_demo,
+    )
+    model_args, gpam_args, data_args, training_args = parsed
+    assert training_args.output_dir == "outputs/x" and training_args.max_steps == -1
+    assert model_args.model_type is None and gpam_args.options() == {
+        "gpam_mode": "dagpam", "gpam_tie_lambda": True, "gpam_lambda_trainable": True,
+        "gpam_negative_init": "neg_identity", "gpam_attention_types": ["self", "cross"], "gpam_lambda_neg_init": None,
+    }
+
+
+def test_gpam_arguments_mirror_the_config_fields():
+    from dataclasses import fields
+
+    from hf_gpam.modeling.gpam_config_fields import GpamConfigFields
+
+    assert [f.name for f in fields(gpam_recipe_utils.GpamArguments)] == [f.name for f in fields(GpamConfigFields)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_rank_ddp_with_accelerate_launch(text_files, tmp_path):
+    """Real 2-process gloo DDP on CPU (--multi_gpu on a machine without GPUs; --cpu would run one process)."""
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(RECIPES / "run_clm_gpam.py"),
+        *clm_args(text_files, out, "--max_steps", "3", "--eval_before_training", "False",
+                  "--gpam_lambda_trainable", "False"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = read_results(out)
+    assert saved["world_size"] == 2
+    # each optimizer step consumed 4 blocks on each of the 2 ranks: 3 steps cover 24 blocks of the training set
+    assert saved["epoch"] == pytest.approx(3 * 4 * 2 / saved["train_blocks"], rel=1e-3)
+    logs = result.stdout + result.stderr
+    assert "world size 2, process 0" in logs and "world size 2, process 1" in logs
+    assert hub_ready_problems(out) == []
