@@ -161,20 +161,23 @@ def rank_collapse_residual_l1inf(
         # step size in the units of the data: its spread around the starting point
         spread = ((x - best_center[:, None]).abs() * weights).sum((1, 2)) / (weights.sum((1, 2)) * x.shape[-1])
         base_lr = 0.1 * spread.clamp_min(1e-12)[:, None]
-        center = best_center.clone().requires_grad_(True)
+        center = best_center.clone()
         with torch.enable_grad():
-            for step in range(refine_steps):
+            for step in range(refine_steps + 1):
+                center.requires_grad_(True)
                 value = objective(center)
+                # NaN-safe comparison: sqrt has no finite gradient at 0 (an exactly collapsed sequence)
                 improved = value.detach() < best_value
                 best_value = torch.where(improved, value.detach(), best_value)
                 best_center = torch.where(improved[:, None], center.detach(), best_center)
+                if step == refine_steps:
+                    break
                 (grad,) = torch.autograd.grad(value.sum(), center)
+                grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
                 # normalised subgradient steps with a decaying length: robust for a max-type objective
                 direction = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-300) * math.sqrt(x.shape[-1])
                 lr = base_lr * 0.5 * (1 + math.cos(math.pi * step / refine_steps))
-                center = (center.detach() - lr * direction).requires_grad_(True)
-            final = objective(center.detach())
-            best_value = torch.minimum(best_value, final)
+                center = center.detach() - lr * direction
 
     ratio = best_value / l1_inf_norm(x, mask).clamp_min(1e-300)
     return ratio[0] if single else ratio
