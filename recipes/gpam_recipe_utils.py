@@ -435,7 +435,7 @@ def push_folder(trainer, commit_message: str) -> None:
     from huggingface_hub import upload_folder
 
     upload_folder(
-        repo_id=trainer.hub_model_id or trainer.args.hub_model_id,
+        repo_id=getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id,
         folder_path=trainer.args.output_dir,
         commit_message=commit_message,
         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**"],

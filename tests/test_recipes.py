@@ -86,6 +86,19 @@ def test_clm_from_scratch_trains_and_saves_hub_ready_folder(text_files, tmp_path
     card = (tmp_path / "out" / "README.md").read_text()
     assert "python recipes/run_clm_gpam.py --model_type gpt2" in card and "- gpam" in card
 
+    # the output folder is a GPAM checkpoint: training continues from it, keeping its gpam_* settings
+    run_clm_gpam.main([
+        "--model_name_or_path", str(tmp_path / "out"), "--train_file", str(text_files / "train.txt"),
+        "--validation_file", str(text_files / "validation.txt"), "--block_size", "32", "--max_steps", "2", "--do_train", "--do_eval", "--gpam_layers", "0",
+        "--output_dir", str(tmp_path / "continued"), *FAST,
+    ])
+    continued = read_results(tmp_path / "continued")
+    # same weights, same evaluation blocks: the continued run starts where the first one ended
+    assert continued["init_eval_loss"] == pytest.approx(saved["eval_loss"], rel=1e-5)
+    config = json.loads((tmp_path / "continued" / "config.json").read_text())
+    assert config["model_type"] == "gpam_gpt2" and config["gpam_layers"] is None
+    assert f"base_model: {tmp_path / 'out'}" in (tmp_path / "continued" / "README.md").read_text()
+
 
 def test_translation_from_scratch_with_json_config_generate_and_beams(translation_files, tmp_path):
     args = {
