@@ -135,7 +135,16 @@ def _check_number(n: int, function: str) -> None:
 
 
 def english_number_words(n: int) -> str:
-    """``n`` (0-9999) in English words, American style: 7777 -> "seven thousand seven hundred seventy-seven"."""
+    """``n`` (0-9999) in English words, American style (no "and"), tens and units joined by a hyphen.
+
+    Example:
+
+    ```python
+    >>> from hf_gpam.data import english_number_words
+    >>> english_number_words(7777)
+    'seven thousand seven hundred seventy-seven'
+    ```
+    """
     _check_number(n, "english_number_words")
     if n < 20:
         return _EN_ONES[n]
@@ -162,6 +171,14 @@ def german_number_words(n: int) -> str:
 
     Hundreds and thousands are always counted ("einhundert", "eintausend"), and a final 1 is "eins"
     (1001 -> "eintausendeins"), as in the Duden's spelled-out numbers.
+
+    Example:
+
+    ```python
+    >>> from hf_gpam.data import german_number_words
+    >>> german_number_words(21), german_number_words(101), german_number_words(7777)
+    ('einundzwanzig', 'einhunderteins', 'siebentausendsiebenhundertsiebenundsiebzig')
+    ```
     """
     _check_number(n, "german_number_words")
     if n == 0:
