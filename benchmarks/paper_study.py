@@ -297,6 +297,69 @@ def run_dataset(args, dataset: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Mechanism probe: pure attention stacks (no residual, no MLP, no LayerNorm) at random initialisation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def pure_attention_probe(depth=12, width=64, heads=4, length=32, draws=20, lambdas=(0.0, 0.5, 1.0), seed=0) -> dict:
+    """Rank-collapse residual along a stack of bare attention layers, X ← P(X)·X·W_V, as in Dong et al. (2021).
+
+    Each layer has fresh Gaussian W_Q, W_K, W_V (std 1/sqrt(width)), W⁻ = −I (the paper's analysis point) and
+    bidirectional attention; λ = 0 is softmax attention. Returns {label: [mean residual_fro per depth]} averaged
+    over ``draws`` random inputs and weight draws (the same draws for every λ).
+    """
+    from hf_gpam.diagnostics import rank_collapse_residual
+    from hf_gpam.modeling.gpam_ops import reference_gpam_attention
+
+    head_dim = width // heads
+    curves = {}
+    for lam in lambdas:
+        generator = torch.Generator().manual_seed(seed)
+        residuals = torch.zeros(depth + 1, dtype=torch.float64)
+        for _ in range(draws):
+            x = torch.randn(1, length, width, generator=generator, dtype=torch.float64)
+            residuals[0] += rank_collapse_residual(x[0])
+            for layer in range(depth):
+                wq, wk, wv = (torch.randn(width, width, generator=generator, dtype=torch.float64) / width**0.5
+                              for _ in range(3))
+
+                def split(t):  # (1, T, H·D) -> (1, H, T, D)
+                    return t.view(1, length, heads, head_dim).transpose(1, 2)
+
+                lam_heads = torch.full((heads,), lam, dtype=torch.float64)
+                out = reference_gpam_attention(
+                    split(x @ wq), split(x @ wk), split(x @ wv),
+                    -torch.eye(head_dim, dtype=torch.float64), lam_heads, lam_heads, scaling=head_dim**-0.5,
+                )["output"]
+                x = out.transpose(1, 2).reshape(1, length, width)
+                # the residual is scale-invariant; renormalising only keeps the numbers in range
+                x = x / x.norm() * (length * width) ** 0.5
+                residuals[layer + 1] += rank_collapse_residual(x[0])
+        label = "softmax (λ=0)" if lam == 0 else f"daGPAM λ={lam:g}"
+        curves[label] = (residuals / draws).tolist()
+    return curves
+
+
+def plot_probe(curves: dict, path: str) -> str:
+    from hf_gpam.plotting import plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    for index, (label, values) in enumerate(curves.items()):
+        axis.semilogy(range(len(values)), values, marker="o", markersize=3, color=f"C{index}", label=label)
+    axis.set_xlabel("attention layers (no residual, no MLP)")
+    axis.set_ylabel("‖X − 1x̄ᵀ‖_F / ‖X‖_F")
+    axis.set_title("pure attention at random init (20 draws, W⁻ = −I)", fontsize=10)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -413,7 +476,29 @@ def write_report(args) -> str:
         sections += section
     lines += ["Commands (one process per dataset, then the report):", "", "```"]
     lines += command_lines + ["python benchmarks/paper_study.py --report_only", "```", ""]
+    notes = os.path.join(args.output_dir, "paper_study_notes.md")
+    if os.path.isfile(notes):
+        # the hand-written reading of the numbers below, kept in its own file so regenerating keeps it
+        with open(notes, encoding="utf-8") as handle:
+            lines += [handle.read().strip(), ""]
     lines += sections
+    curves = pure_attention_probe()
+    name = "paper_study_pure_attention_probe.png"
+    plot_probe(curves, os.path.join(figure_dir, name))
+    lines += [
+        "## Mechanism probe: pure attention, no residual connections",
+        "",
+        "`pure_attention_probe()` in the script: 12 bare attention layers X ← P(X)·X·W_V with fresh Gaussian",
+        "weights per layer, W⁻ = −I, bidirectional, T = 32 tokens, d = 64, 4 heads, mean over 20 random draws",
+        "(identical draws for every λ). This is the setting of Dong et al.'s rank-collapse theorem; the trained",
+        "models above have residual connections and MLPs, which Dong et al. show counteract the collapse.",
+        "",
+        "| depth | " + " | ".join(curves) + " |",
+        "|---|" + "---|" * len(curves),
+    ]
+    for depth in (0, 1, 2, 4, 8, 12):
+        lines.append(f"| {depth} | " + " | ".join(f"{values[depth]:.2e}" for values in curves.values()) + " |")
+    lines += ["", f"![pure attention probe](figures/{name})", ""]
     path = os.path.join(args.output_dir, "paper_study.md")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
