@@ -414,11 +414,12 @@ def write_outputs(trainer, model, tokenizer, model_args, results: dict, card: di
         tokenizer.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "all_results.json"), "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=4, sort_keys=True)
-        base = model.get_base_model()
-        text = render_model_card(base, results=results, limitations=(
-            "This folder holds a LoRA adapter: load the GPAM base model it was trained on (the base checkpoint "
-            "converted with hf_gpam.patch_model and the gpam_* settings of config.json in this card) and "
-            "attach it with peft.PeftModel.from_pretrained."), **card)
+        adapter_note = (
+            "This folder holds a LoRA adapter: convert the base checkpoint with hf_gpam.patch_model and the GPAM "
+            "settings listed in this card, then attach the adapter with peft.PeftModel.from_pretrained."
+        )
+        card = {**card, "limitations": " ".join(filter(None, [card.get("limitations"), adapter_note]))}
+        text = render_model_card(model.get_base_model(), results=results, **card)
         with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(text)
         return

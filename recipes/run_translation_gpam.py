@@ -69,7 +69,7 @@ DEMO_DEFAULTS = {
     "predict_with_generate": True,
     "max_source_length": 48,
     "max_target_length": 48,
-    "max_steps": 600,
+    "max_steps": 1200,
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
     "learning_rate": 1e-3,

@@ -173,6 +173,36 @@ def test_lora_targets_gpam_parameters_and_merges(text_files, tmp_path):
     assert read_results(out)["gpam_lambdas"]["transformer.h.1.attn"] == pytest.approx(lam.tolist())
 
 
+def test_lora_adapter_only_output(text_files, tmp_path):
+    out = tmp_path / "adapter_only"
+    run_clm_gpam.main([*clm_args(text_files, out, "--max_steps", "1", "--eval_before_training", "False"), "--use_lora"])
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "all_results.json"} <= files
+    assert "model.safetensors" not in files
+    assert "peft.PeftModel.from_pretrained" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("model_type", ["bart", "marian"])
+def test_lora_default_targets_seq2seq(model_type):
+    import hf_gpam
+
+    torch.manual_seed(0)
+    model_class = hf_gpam.ARCHITECTURES[model_type].auto_classes[AutoModelForSeq2SeqLM]
+    model = model_class(hf_gpam.testing_utils.tiny_gpam_config(model_type))
+    model_args = gpam_recipe_utils.ModelArguments(use_lora=True)
+    peft_model = gpam_recipe_utils.apply_lora(model, model_args, task_type="SEQ_2_SEQ_LM")
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    for target in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "gpam_q_neg"):
+        assert any(f".{target}.lora_A" in name for name in trainable), target
+    # 6 attention modules (2 encoder self, 2 decoder self, 2 cross), each with a trained copy of λ
+    assert sum("gpam_lambda.modules_to_save" in name for name in trainable) == 6
+    ids = torch.randint(3, 90, (2, 7))
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    lam_grads = [p.grad for name, p in peft_model.named_parameters() if "gpam_lambda.modules_to_save" in name]
+    assert all(g is not None and g.abs().sum() > 0 for g in lam_grads), "λ must receive gradients through PEFT"
+
+
 def test_resume_continues_a_stopped_run_exactly(text_files, tmp_path):
     args = clm_args(text_files, tmp_path / "run", "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3",
                     "--eval_before_training", "False")
