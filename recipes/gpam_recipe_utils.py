@@ -189,7 +189,7 @@ def check_supported(model_type: str, supported: tuple[str, ...], task: str) -> N
     stock_type = model_type.removeprefix("gpam_")
     if stock_type not in supported:
         raise ValueError(
-            f"{task}: architecture {model_type!r} is not supported by this recipe (supported: {', '.join(supported)})"
+            f"{task}: architecture {stock_type!r} is not supported by this recipe (supported: {', '.join(supported)})"
         )
 
 

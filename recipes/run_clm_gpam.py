@@ -31,6 +31,7 @@ from gpam_recipe_utils import (
     ModelArguments,
     apply_lora,
     check_checkpoint_matches,
+    check_supported,
     check_data_file,
     load_model,
     load_or_train_tokenizer,
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
         # every rank says it is there (replica loggers are quiet by default)
         print(f"world size {training_args.world_size}, process {training_args.process_index}", flush=True)
     set_seed(training_args.seed)
+    if model_args.model_type is not None:
+        # before any data is loaded or tokenizer trained
+        check_supported(model_args.model_type, ("gpt2",), "run_clm_gpam")
     checkpoint = resolve_checkpoint(training_args)
 
     raw = load_raw_datasets(data_args, model_args, training_args)

@@ -244,7 +244,7 @@ def test_clear_errors(text_files, translation_files, tmp_path):
             "--model_type", "marian", "--train_file", str(translation_files / "train.jsonl"), "--target_lang", "fr",
             "--output_dir", str(tmp_path / "err2"), "--do_train",
         ])
-    with pytest.raises(ValueError, match="architecture 'gpam_gpt2' is not supported by this recipe"):
+    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported by this recipe"):
         run_translation_gpam.main([
             "--model_type", "gpt2", "--config_overrides", TINY_GPT2, "--train_file",
             str(translation_files / "train.jsonl"), "--output_dir", str(tmp_path / "err3"), "--do_train",
@@ -259,6 +259,12 @@ def test_clear_errors(text_files, translation_files, tmp_path):
               "n_layer=2,n_embd=16,n_head=4,n_positions=64", "--tokenizer_name", str(tmp_path / "wide")]
     with pytest.raises(ValueError, match="does not match the model of this run .*c_attn.weight: checkpoint \\(32, 96\\), model \\(16, 48\\)"):
         run_clm_gpam.main([*narrow, "--resume_from_checkpoint", str(tmp_path / "wide" / "checkpoint-2")])
+
+    # a stock checkpoint of an architecture the recipe cannot train
+    BartForConditionalGeneration(tiny_stock_config("bart")).save_pretrained(tmp_path / "bart")
+    with pytest.raises(ValueError, match="run_clm_gpam: architecture 'bart' is not supported .*supported: gpt2"):
+        run_clm_gpam.main([*base[4:], "--model_name_or_path", str(tmp_path / "bart"), "--tokenizer_name",
+                           str(tmp_path / "wide")])
 
 
 def test_embedded_defaults_build_and_tokenize(tmp_path):
