@@ -48,18 +48,23 @@ class GpamArguments:
     )
     gpam_lambda_init: float | None = field(
         default=None,
-        metadata={"help": "Initial λ. Default: 0.0 when patching a pretrained model (outputs unchanged), 0.5 from scratch."},
+        metadata={
+            "help": "Initial λ. Default: 0.0 when patching a pretrained model (outputs unchanged), 0.5 from scratch."
+        },
     )
     gpam_lambda_neg_init: float | None = field(
         default=None, metadata={"help": "Initial λ⁻ when --gpam_tie_lambda False (None: same as gpam_lambda_init)."}
     )
-    gpam_tie_lambda: bool = field(default=True, metadata={"help": "Tie λ⁺ = λ⁻ (attention rows sum to exactly 1)."})
+    gpam_tie_lambda: bool = field(
+        default=True, metadata={"help": "Tie λ⁺ = λ⁻ (attention rows sum to exactly 1)."}
+    )
     gpam_lambda_trainable: bool = field(default=True, metadata={"help": "Learn λ, or keep it fixed."})
     gpam_negative_init: str = field(
         default="neg_identity", metadata={"help": "Initial W⁻: 'neg_identity' (−I) or 'normal'."}
     )
     gpam_layers: list[int] | None = field(
-        default=None, metadata={"help": "Layer indices that use daGPAM, e.g. `--gpam_layers 0 1` (default: all)."}
+        default=None,
+        metadata={"help": "Layer indices that use daGPAM, e.g. `--gpam_layers 0 1`; None means every layer."},
     )
     gpam_attention_types: list[str] = field(
         default_factory=lambda: ["self", "cross"],
@@ -75,7 +80,11 @@ class GpamArguments:
     def explicitly_set(self) -> dict:
         """The options that differ from the recipe defaults."""
         defaults = GpamArguments()
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(defaults, f.name)
+        }
 
 
 @dataclass

@@ -78,7 +78,9 @@ class DataTrainingArguments:
     """The training and evaluation text."""
 
     dataset_name: str | None = field(default=None, metadata={"help": "A datasets Hub id, e.g. Salesforce/wikitext."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration, e.g. wikitext-2-raw-v1."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Its configuration, e.g. wikitext-2-raw-v1."}
+    )
     train_file: str | None = field(default=None, metadata={"help": "Local training text: .txt, .json, .jsonl or .csv."})
     validation_file: str | None = field(default=None, metadata={"help": "Local evaluation text (same formats)."})
     text_column: str = field(default="text", metadata={"help": "The column holding the text (json/jsonl/csv/Hub)."})
@@ -154,7 +156,11 @@ def tokenize_and_group(raw, tokenizer, data_args, training_args, block_size: int
         stream = list(chain.from_iterable(batch["input_ids"]))
         total = (len(stream) // block_size) * block_size
         blocks = [stream[i : i + block_size] for i in range(0, total, block_size)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": [b[:] for b in blocks]}
+        return {
+            "input_ids": blocks,
+            "attention_mask": [[1] * block_size for _ in blocks],
+            "labels": [block[:] for block in blocks],
+        }
 
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = raw.map(

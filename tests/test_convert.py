@@ -109,7 +109,9 @@ def test_model_card_front_matter_and_lambda_table():
     card = render_model_card(model, base_model="org/base", datasets=["wmt16"], metrics=["bleu", "chrf"],
                              results={"eval_bleu": 12.5, "gpam_lambdas": {"x": [1.0]}}, command="python train.py")
     front_matter = card.split("---")[1]
-    for line in ("base_model: org/base", "- wmt16", "- bleu", "- chrf", "- gpam", "- marian", "pipeline_tag: translation"):
+    expected = ("base_model: org/base", "- wmt16", "- bleu", "- chrf", "- gpam", "- marian",
+                "pipeline_tag: translation")
+    for line in expected:
         assert line in front_matter
     assert "AutoModelForSeq2SeqLM" in card and "python train.py" in card
     assert "| eval_bleu | 12.5000 |" in card and "gpam_lambdas" not in card.split("## Results")[1]

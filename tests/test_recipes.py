@@ -99,7 +99,8 @@ def test_clm_from_scratch_trains_and_saves_hub_ready_folder(text_files, tmp_path
     # the output folder is a GPAM checkpoint: training continues from it, keeping its gpam_* settings
     run_clm_gpam.main([
         "--model_name_or_path", str(tmp_path / "out"), "--train_file", str(text_files / "train.txt"),
-        "--validation_file", str(text_files / "validation.txt"), "--block_size", "32", "--max_steps", "2", "--do_train", "--do_eval", "--gpam_layers", "0",
+        "--validation_file", str(text_files / "validation.txt"), "--block_size", "32", "--max_steps", "2",
+        "--do_train", "--do_eval", "--gpam_layers", "0",
         "--output_dir", str(tmp_path / "continued"), *FAST,
     ])
     continued = read_results(tmp_path / "continued")
@@ -135,7 +136,8 @@ def test_translation_patches_stock_bart_and_softmax_baseline(translation_files, 
     torch.manual_seed(0)
     texts = [p["translation"][lang] for p in number_translation_pairs(300) for lang in ("en", "de")]
     tokenizer = train_byte_level_bpe(texts, vocab_size=400, model_type="bart", save_directory=str(tmp_path / "bart"))
-    BartForConditionalGeneration(tiny_stock_config("bart", vocab_size=len(tokenizer))).save_pretrained(tmp_path / "bart")
+    stock = BartForConditionalGeneration(tiny_stock_config("bart", vocab_size=len(tokenizer)))
+    stock.save_pretrained(tmp_path / "bart")
     common = [
         "--model_name_or_path", str(tmp_path / "bart"), "--train_file", str(translation_files / "train.jsonl"),
         "--validation_file", str(translation_files / "validation.jsonl"), "--max_steps", "2",
@@ -239,7 +241,8 @@ def test_clear_errors(text_files, translation_files, tmp_path):
         run_clm_gpam.main([*base, "--resume_from_checkpoint", "True"])
     with pytest.raises(ValueError, match="--train_file: data file .* does not exist"):
         run_clm_gpam.main([*base, "--train_file", str(tmp_path / "missing.txt")])
-    with pytest.raises(ValueError, match="--target_lang 'fr' is not a language of the train data \\(languages: de, en\\)"):
+    unknown_language = "--target_lang 'fr' is not a language of the train data \\(languages: de, en\\)"
+    with pytest.raises(ValueError, match=unknown_language):
         run_translation_gpam.main([
             "--model_type", "marian", "--train_file", str(translation_files / "train.jsonl"), "--target_lang", "fr",
             "--output_dir", str(tmp_path / "err2"), "--do_train",
@@ -257,7 +260,8 @@ def test_clear_errors(text_files, translation_files, tmp_path):
                                "--save_steps", "2", "--eval_before_training", "False", "--do_eval", "False"))
     narrow = [*clm_args(text_files, tmp_path / "narrow", "--max_steps", "4"), "--config_overrides",
               "n_layer=2,n_embd=16,n_head=4,n_positions=64", "--tokenizer_name", str(tmp_path / "wide")]
-    with pytest.raises(ValueError, match="does not match the model of this run .*c_attn.weight: checkpoint \\(32, 96\\), model \\(16, 48\\)"):
+    mismatch = "does not match the model of this run .*c_attn.weight: checkpoint \\(32, 96\\), model \\(16, 48\\)"
+    with pytest.raises(ValueError, match=mismatch):
         run_clm_gpam.main([*narrow, "--resume_from_checkpoint", str(tmp_path / "wide" / "checkpoint-2")])
 
     # a stock checkpoint of an architecture the recipe cannot train
