@@ -187,11 +187,13 @@ def plot_signed_attention(
 
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.8, 4.0), squeeze=False)
     image = None
-    for axis, (name, _), matrix in zip(axes[0], panels, matrices):
+    for index, (axis, (name, _), matrix) in enumerate(zip(axes[0], panels, matrices)):
         image = axis.imshow(matrix, cmap="RdBu_r", norm=norm, interpolation="nearest")
         axis.set_title(name, fontsize=9)
         axis.set_xlabel("key")
-        axis.set_ylabel("query")
+        if index == 0:
+            # the panels share their rows; one label keeps it clear of the token ticks of the next panel
+            axis.set_ylabel("query")
         if tokens is not None and len(tokens) >= max(length_q, length_k) and max(length_q, length_k) <= 40:
             axis.set_xticks(range(length_k), tokens[:length_k], rotation=90, fontsize=6)
             axis.set_yticks(range(length_q), tokens[:length_q], fontsize=6)
