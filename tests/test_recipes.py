@@ -213,6 +213,9 @@ def test_lora_default_targets_seq2seq(model_type):
     loss.backward()
     lam_grads = [p.grad for name, p in peft_model.named_parameters() if "gpam_lambda.modules_to_save" in name]
     assert all(g is not None and g.abs().sum() > 0 for g in lam_grads), "λ must receive gradients through PEFT"
+    # LoRA on W⁻ must take part in the forward (lora_B starts at 0, so its gradient is the first to be non-zero)
+    w_neg_grads = [p.grad for name, p in peft_model.named_parameters() if "gpam_q_neg.lora_B" in name]
+    assert len(w_neg_grads) == 6 and all(g is not None and g.abs().sum() > 0 for g in w_neg_grads)
 
 
 def test_resume_continues_a_stopped_run_exactly(text_files, tmp_path):
