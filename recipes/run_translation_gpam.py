@@ -73,7 +73,7 @@ DEMO_DEFAULTS = {
     "max_steps": 1200,
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
-    "learning_rate": 1e-3,
+    "learning_rate": 3e-3,
     "warmup_steps": 0.05,
     "lr_scheduler_type": "cosine",
     "eval_strategy": "no",
