@@ -461,10 +461,15 @@ def write_report(args) -> str:
             )
             section.append(f"![{dataset} {stage}](figures/{name})")
             section.append("")
-        logs = {f"{r['variant']} s{r['seed']}": r["log"] for r in runs}
+        # one line per variant: the training loss at each logged step, averaged over seeds
+        logs = {}
+        for variant, variant_runs in by_variant.items():
+            steps = [e["step"] for e in variant_runs[0]["log"] if "loss" in e]
+            losses = [[e["loss"] for e in r["log"] if "loss" in e] for r in variant_runs]
+            logs[variant] = [{"step": step, "loss": statistics.mean(values)} for step, values in zip(steps, zip(*losses))]
         name = f"paper_study_{dataset}_training.png"
         plot_training_curves(logs, os.path.join(figure_dir, name), metrics=("loss",),
-                             title=f"{dataset}: training loss")
+                             title=f"{dataset}: training loss (mean over seeds)")
         section += [f"![{dataset} training](figures/{name})", ""]
         maps = sorted(f for f in os.listdir(figure_dir) if f.startswith(f"paper_study_{dataset}_attention"))
         for figure in maps:
