@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field, fields
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_gpam
@@ -415,6 +415,17 @@ def write_outputs(trainer, model, tokenizer, model_args, results: dict, card: di
       folder's model and the adapter goes to ``adapter/``.
     """
     output_dir = trainer.args.output_dir
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # FSDP shards the weights across ranks: every rank must take part in gathering them, which the Trainer's
+        # save_model does; the main process then reloads the full model to write the folder from it.
+        # (Not exercised by the test suite, which has no GPUs; FSDP is not active on CPU-only launches.)
+        model.config.use_cache = True
+        trainer.save_model(output_dir)
+        if not trainer.is_world_process_zero():
+            return
+        if not model_args.use_lora:
+            auto_class = AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
+            model = auto_class.from_pretrained(output_dir)
     if not trainer.is_world_process_zero():
         return
     results = {**results, "gpam_lambdas": gpam_lambda_values(model)}
