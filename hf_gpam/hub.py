@@ -3,7 +3,7 @@
 Used by the training recipes and by ``hf-gpam convert``. Everything here duck-types GPAM models (a module is a
 daGPAM module when it has ``gpam_lambda``), so models loaded through ``trust_remote_code`` work too.
 
-The card template lives in the repository's ``model_cards/gpam_model_card.md`` (``string.Template`` syntax,
+The card template is ``hf_gpam/model_cards/gpam_model_card.md`` (shipped as package data) (``string.Template`` syntax,
 ``${name}`` placeholders); pass ``template_path`` to use another one.
 """
 
@@ -19,7 +19,7 @@ from huggingface_hub import ModelCardData
 from torch import nn
 
 
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "gpam_model_card.md"
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "gpam_model_card.md"
 MODEL_CARD_FILENAME = "README.md"
 GPAM_TAGS = ("gpam", "dagpam")
 
@@ -122,7 +122,7 @@ def render_model_card(
         summary: a paragraph under the title.
         tags: extra tags; ``gpam``, ``dagpam`` and the architecture are always added.
         limitations: an extra limitation specific to this model (e.g. "trained for 300 steps on ...").
-        template_path: a ``string.Template`` file; the repository's ``model_cards/gpam_model_card.md`` by default.
+        template_path: a ``string.Template`` file; ``hf_gpam/model_cards/gpam_model_card.md`` by default.
 
     Example:
 
@@ -138,8 +138,8 @@ def render_model_card(
     template_path = Path(template_path or DEFAULT_TEMPLATE_PATH)
     if not template_path.is_file():
         raise FileNotFoundError(
-            f"render_model_card: template {template_path} not found. It ships in the hf_gpam repository's "
-            "model_cards/ folder; pass template_path= to use your own."
+            f"render_model_card: template {template_path} not found. It ships with hf_gpam in "
+            "hf_gpam/model_cards/; pass template_path= to use your own."
         )
     config = model.config
     model_type = getattr(config, "model_type", "unknown")
