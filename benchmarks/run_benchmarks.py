@@ -355,13 +355,14 @@ def memory_child(variant: str, shape: dict) -> None:
     if variant == "gpam":
         hf_gpam.patch_model(model, **GPAM_OPTIONS)
     ids = torch.randint(0, shape["vocab"], (1, shape["T"]))
+    use_cache = shape.get("use_cache", True)
     with torch.no_grad():
         # one warm-up forward so one-time allocations (thread pools, caches) are not counted
-        model(input_ids=ids)
+        model(input_ids=ids, use_cache=use_cache)
         gc.collect()
         baseline = _rss_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
-        model(input_ids=ids)
+        model(input_ids=ids, use_cache=use_cache)
         peak = _rss_kib("VmHWM")
     print(json.dumps({"baseline_kib": baseline, "peak_kib": peak, "forward_peak_mib": (peak - baseline) / 1024}))
 
@@ -419,7 +420,7 @@ def check_compile(*, steps: int = 2) -> Row:
         losses[mode] = (values, time.perf_counter() - start)
     diff = max(abs(a - b) for a, b in zip(losses["eager"][0], losses["compiled"][0]))
     return Row(
-        "compile", "torch.compile(fullgraph=True) training steps of a tiny GPAM GPT-2: max |loss diff| vs eager",
+        "compile", "torch.compile(fullgraph=True) training steps of a tiny GPAM GPT-2: max abs loss difference to eager mode",
         0.0, diff, "abs", target=None, repetitions=steps,
         extra={"eager_losses": losses["eager"][0], "compiled_losses": losses["compiled"][0],
                "compile_seconds": losses["compiled"][1], "max_abs_loss_diff": diff, "ok": diff < 1e-4},
@@ -465,7 +466,7 @@ def run_all(quick: bool, only: list[str], repetitions: int | None) -> list[Row]:
             row = bench_module(name.split("_")[1], shapes["module"], warmup=warmup, repetitions=reps,
                                target=TARGETS[name])
         elif name == "memory_forward":
-            row = bench_memory(shapes["memory"], repetitions=max(2, reps // 2), target=TARGETS[name])
+            row = bench_memory(shapes["memory"], repetitions=max(2, reps // 4), target=TARGETS[name])
         elif name == "train_gpt2":
             row = bench_training_gpt2(shapes["train_gpt2"], warmup=warmup, repetitions=reps, target=TARGETS[name])
         elif name == "decode_gpt2":
@@ -501,6 +502,44 @@ def format_row(row: Row) -> str:
     return f"{row.name:<15} {values} {row.ratio:>7.3f} {spread:>17} {floor:>6} {target:>6} {status}"
 
 
+def markdown_table(paths: list[Path]) -> str:
+    """A markdown table of saved results; a row in a later file replaces the same row of an earlier one."""
+    rows, sources = {}, {}
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        for row in payload["rows"]:
+            rows[row["name"]] = row
+            sources[row["name"]] = Path(path).name
+    lines = [
+        "| row | workload | stock | daGPAM | ratio | pair ratios (p10-p90) | floor | target | met | reps | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        if name == "compile":
+            extra = row["extra"]
+            lines.append(
+                f"| compile | {row['description']} | loss {extra['eager_losses'][-1]:.5f} | "
+                f"loss {extra['compiled_losses'][-1]:.5f} | max abs Δ {row['gpam']:.1e} | | | equal | "
+                f"{'yes' if extra['ok'] else 'NO'} | {row['repetitions']} | {sources[name]} |"
+            )
+            continue
+        if row["unit"] == "params":
+            stock, gpam = f"{row['stock'] / 1e6:.2f} M params", f"{row['gpam'] / 1e6:.2f} M params"
+            met = row["meets_target"] and row["extra"]["seconds_median"] < row["extra"]["seconds_target"]
+            ratio = f"{row['ratio']:.4f} ({row['extra']['seconds_median'] * 1e3:.1f} ms)"
+        else:
+            stock, gpam = f"{row['stock']:.1f} {row['unit']}", f"{row['gpam']:.1f} {row['unit']}"
+            met, ratio = row["meets_target"], f"**{row['ratio']:.3f}**"
+        spread = f"{row['ratio_spread'][0]:.3f}-{row['ratio_spread'][1]:.3f}" if row.get("ratio_spread") else ""
+        floor = f"{row['floor']:.3f}" if row.get("floor") else ""
+        target = f"≤ {row['target']:.2f}" if row.get("target") else ""
+        lines.append(
+            f"| {name} | {row['description']} | {stock} | {gpam} | {ratio} | {spread} | {floor} | {target} | "
+            f"{'yes' if met else 'NO'} | {row['repetitions']} | {sources[name]} |"
+        )
+    return "\n".join(lines)
+
+
 def environment() -> dict:
     return {
         "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
@@ -522,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes (about a minute)")
     parser.add_argument("--only", nargs="+", choices=ALL_BENCHMARKS, default=list(ALL_BENCHMARKS))
     parser.add_argument("--repetitions", type=int, default=None, help="timed pairs per row (default 8, quick 4)")
+    parser.add_argument("--render", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="print a markdown table of saved results (later files override rows) and exit")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: reproducible on a shared machine; 0 = torch default)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
@@ -529,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON results path (default benchmarks/results/<quick|full>_<timestamp>.json)")
     args = parser.parse_args(argv)
+    if args.render:
+        print(markdown_table(args.render))
+        return 0
     global CLOCK
     CLOCK = args.clock
     if args.threads > 0:
