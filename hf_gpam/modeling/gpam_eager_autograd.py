@@ -22,7 +22,7 @@ The last step uses the linearity of the softmax backward in its incoming gradien
 (1+λ⁺) and −λ⁻ are applied to the small (·, D) operands instead of the T×T maps.
 
 Limits (each falls back to the plain composed path in ``gpam_ops`` or raises a clear error):
-    * only float32/float64 inputs with matching dtypes and a mask that does not require grad take this path;
+    * only CPU float32/float64 inputs with matching dtypes and a mask that does not require grad take this path;
     * the backward reuses the saved maps as its workspace, so backpropagating twice through the same graph
       (``retain_graph=True``) raises, and double backward (``create_graph=True``) is not supported;
     * under ``torch.compile`` the composed path is used, because the compiler plans its own buffers.
@@ -40,6 +40,10 @@ FAST_PATH_DTYPES = (torch.float32, torch.float64)
 def fast_path_applies(query, key, value, q_neg, attention_mask, upcast: bool) -> bool:
     """Whether ``EagerGpamFunction`` computes exactly what the composed eager path would."""
     if torch.compiler.is_compiling():
+        return False
+    # The in-place softmax backward aliases its output with the saved probabilities; that is verified on the CPU
+    # kernels only (no GPU was available when this was written), so other devices take the composed path.
+    if query.device.type != "cpu":
         return False
     dtype = query.dtype
     if dtype not in FAST_PATH_DTYPES or any(t.dtype != dtype for t in (key, value, q_neg)):
