@@ -50,8 +50,8 @@ def fast_path_applies(query, key, value, q_neg, attention_mask, upcast: bool) ->
         return False
     if attention_mask is not None and attention_mask.requires_grad:
         return False
-    # upcasting is a no-op for float32/float64 scores, so it does not rule the fast path out
-    return True
+    # upcasting computes scores in float32: a no-op for float32 inputs, a change of precision for the others
+    return not upcast or dtype == torch.float32
 
 
 def _batched_row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
