@@ -95,7 +95,7 @@ def test_fast_path_is_skipped_where_it_would_not_be_exact():
     assert not fast_path_applies(query.bfloat16(), key.bfloat16(), value.bfloat16(), q_neg.bfloat16(), None, False)
     as_double = [t.double() for t in (query, key, value, q_neg)]
     assert fast_path_applies(*as_double, None, upcast=False)
-    assert not fast_path_applies(*as_double, None, upcast=True), "upcast means float32 scores for float64 inputs
+    assert not fast_path_applies(*as_double, None, upcast=True), "upcast means float32 scores for float64 inputs"
     learned_bias = torch.zeros(1, 1, 5, 6, requires_grad=True)
     assert not fast_path_applies(query, key, value, q_neg, learned_bias, upcast=False)
 
