@@ -17,22 +17,12 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from . import GpamGPT2LMHeadModel, patch_model
-from .testing_utils import tiny_gpam_config, tiny_stock_config
+from .testing_utils import HIDE_HF_GPAM_PRELUDE, tiny_gpam_config, tiny_stock_config
 
 
-# hf_gpam is installed in this environment, so the reload process blocks its import: the checkpoint must stand
-# on its own files
-RELOAD_SCRIPT = """
-import json, sys
-
-
-class BlockHfGpam:
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_gpam" or name.startswith("hf_gpam."):
-            raise ImportError("hf_gpam is hidden from this process")
-
-
-sys.meta_path.insert(0, BlockHfGpam())
+# hf_gpam is installed in this environment, so the reload process hides it: the checkpoint must stand on its own
+RELOAD_SCRIPT = HIDE_HF_GPAM_PRELUDE + """
+import json
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()

@@ -7,6 +7,21 @@ from transformers import BartConfig, GPT2Config, MarianConfig
 
 TINY_VOCAB_SIZE = 96
 
+# Python source to run first in a fresh interpreter so that ``import hf_gpam`` fails there even where hf_gpam is
+# installed: what a checkpoint loaded with trust_remote_code must survive on a machine without the package
+HIDE_HF_GPAM_PRELUDE = """
+import sys
+
+
+class HideHfGpam:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_gpam" or name.startswith("hf_gpam."):
+            raise ImportError("hf_gpam is hidden from this process")
+
+
+sys.meta_path.insert(0, HideHfGpam())
+"""
+
 
 def tiny_stock_config(model_type: str, **overrides):
     """A stock config of ``model_type`` ("gpt2", "bart", "marian") with 2 layers, width 32 and 4 heads."""

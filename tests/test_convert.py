@@ -22,14 +22,8 @@ from hf_gpam.hub import gpam_lambda_values, hub_ready_problems, render_model_car
 from hf_gpam.testing_utils import tiny_gpam_config, tiny_stock_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per process
-    # oversubscribe the cores and make these runs several times slower
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread for these tiny end-to-end runs (see conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

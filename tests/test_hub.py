@@ -13,24 +13,16 @@ import torch
 
 import hf_gpam
 from hf_gpam.modeling.gpam_config_fields import GpamConfigFields
+from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE
 
 from .utils import MODEL_TYPES, gpam_model, main_output, model_inputs, sharpen_attention
 
 
 AUTO_CLASS = {"gpt2": "AutoModelForCausalLM", "bart": "AutoModelForSeq2SeqLM", "marian": "AutoModelForSeq2SeqLM"}
 
-# runs in a subprocess: hf_gpam is installed in this environment, so a meta-path finder hides it
-REMOTE_LOAD_SCRIPT = """
-import json, sys
-
-
-class HideHfGpam:
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_gpam" or name.startswith("hf_gpam."):
-            raise ImportError("hf_gpam is hidden from this process")
-
-
-sys.meta_path.insert(0, HideHfGpam())
+# runs in a subprocess: hf_gpam is installed in this environment, so the prelude hides it
+REMOTE_LOAD_SCRIPT = HIDE_HF_GPAM_PRELUDE + """
+import json
 import torch
 import transformers
 

@@ -36,14 +36,8 @@ TINY_SEQ2SEQ = (
 FAST = ["--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "True"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per process
-    # oversubscribe the cores and make these runs several times slower
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread for these tiny end-to-end runs (see conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
