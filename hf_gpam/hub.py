@@ -3,7 +3,7 @@
 Used by the training recipes and by ``hf-gpam convert``. Everything here duck-types GPAM models (a module is a
 daGPAM module when it has ``gpam_lambda``), so models loaded through ``trust_remote_code`` work too.
 
-The card template is ``hf_gpam/model_cards/gpam_model_card.md`` (shipped as package data) (``string.Template`` syntax,
+The card template, shipped as package data, is ``hf_gpam/model_cards/gpam_model_card.md`` (``string.Template`` syntax,
 ``${name}`` placeholders); pass ``template_path`` to use another one.
 """
 
