@@ -150,6 +150,19 @@ def stock_and_gpam(stock_model):
     return stock_model, gpam_model
 
 
+def training_step(model, **batch):
+    """A closure running one fwd+bwd+AdamW step of ``model`` on ``batch`` (the timed unit of the training rows)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def run():
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
 def lm_floor(*, tokens_q, t_k, d, d_ff, n_layer, vocab, cross_layers=0, enc_tokens=0, enc_layers=0, heads=1):
     """FLOP floor of a whole model (see the module docstring); returns gpam/stock."""
     head_dim = d // heads
@@ -220,15 +233,7 @@ def bench_training_gpt2(shape: dict, *, warmup, repetitions, target) -> Row:
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["T"]))
 
     def step(model):
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def run():
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return run
+        return training_step(model, input_ids=ids, labels=ids)
 
     floor = lm_floor(
         tokens_q=shape["T"], t_k=shape["T"], d=shape["d"], d_ff=4 * shape["d"], n_layer=shape["layers"],
@@ -287,15 +292,7 @@ def bench_training_marian(shape: dict, *, warmup, repetitions, target) -> Row:
     tgt = torch.randint(1, shape["vocab"] - 1, (shape["batch"], shape["tgt"]))
 
     def step(model):
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def run():
-            model(input_ids=src, labels=tgt).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return run
+        return training_step(model, input_ids=src, labels=tgt)
 
     floor = lm_floor(
         tokens_q=shape["tgt"], t_k=shape["tgt"], d=shape["d"], d_ff=4 * shape["d"], n_layer=shape["layers"],

@@ -27,8 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; a ``ValueError`` (bad model, input or option) is printed as one line, exit code 2."""
     args = build_parser().parse_args(argv)
-    return importlib.import_module(args.module_name).run(args) or 0
+    try:
+        return importlib.import_module(args.module_name).run(args) or 0
+    except ValueError as error:
+        print(f"hf-gpam {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from .plotting import plot_training_curves, read_trainer_log
 
@@ -25,15 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the command; a ``ValueError`` (bad model, input or option) is printed as one line and gives exit code 2."""
-    try:
-        return _run(args)
-    except ValueError as error:
-        print(f"hf-gpam compare-curves: error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     labels = args.labels or [os.path.basename(os.path.normpath(run)) for run in args.runs]
     if len(labels) != len(args.runs):
         raise ValueError(f"--labels has {len(labels)} entries for {len(args.runs)} runs; give one label per run")

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import statistics
-import sys
 
 import torch
 
@@ -139,15 +138,6 @@ def _summary_row(label: str, result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the command; a ``ValueError`` (bad model, input or option) is printed as one line and gives exit code 2."""
-    try:
-        return _run(args)
-    except ValueError as error:
-        print(f"hf-gpam diagnose: error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from .plotting import plot_layer_curves, plot_signed_attention
 
     texts = read_texts(args)
