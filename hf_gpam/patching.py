@@ -17,6 +17,30 @@ GPAM_OPTION_NAMES = tuple(f.name for f in fields(GpamConfigFields))
 _CONFIG_KEYS_NOT_CARRIED = ("model_type", "transformers_version", "architectures", "auto_map")
 
 
+def gpam_config_from_stock(config, **gpam_options):
+    """The GPAM config of ``config``'s architecture carrying every stock field of ``config`` plus ``gpam_options``.
+
+    Unset ``gpam_*`` fields take the GPAM config's defaults (λ = 0.5, the new-model default; ``patch_model``
+    passes λ = 0 itself).
+
+    Example:
+
+    ```python
+    >>> from transformers import GPT2Config
+    >>> from hf_gpam.patching import gpam_config_from_stock
+    >>> gpam_config_from_stock(GPT2Config(n_layer=2), gpam_layers=[1]).model_type
+    'gpam_gpt2'
+    ```
+    """
+    architecture = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if architecture is None:
+        raise ValueError(
+            f"model_type {getattr(config, 'model_type', None)!r} is not supported (supported: {supported_model_types()})"
+        )
+    stock_fields = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_KEYS_NOT_CARRIED}
+    return architecture.config_class(**{**stock_fields, **gpam_options})
+
+
 def is_gpam_model(model: nn.Module) -> bool:
     """True for a GPAM model, whether its classes come from hf_gpam or from a checkpoint's remote code."""
     return getattr(getattr(model, "config", None), "model_type", None) in GPAM_MODEL_TYPES
@@ -83,9 +107,8 @@ def patch_model(model: nn.Module, **gpam_options) -> nn.Module:
             f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Call model.set_attn_implementation('sdpa') first."
         )
 
-    stock_fields = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_KEYS_NOT_CARRIED}
     # λ = 0 keeps the pretrained model's outputs at conversion
-    gpam_config = architecture.config_class(**{**stock_fields, "gpam_lambda_init": 0.0, **gpam_options})
+    gpam_config = gpam_config_from_stock(config, **{"gpam_lambda_init": 0.0, **gpam_options})
     gpam_config._attn_implementation = implementation
     gpam_config.name_or_path = config.name_or_path
     gpam_config.architectures = [gpam_class.__name__]

@@ -44,9 +44,8 @@ def tiny_stock_config(model_type: str, **overrides):
 
 def tiny_gpam_config(model_type: str, **overrides):
     """The GPAM config matching ``tiny_stock_config(model_type)``; ``overrides`` may include ``gpam_*`` fields."""
-    from .architectures import ARCHITECTURES
+    from .patching import gpam_config_from_stock
 
     gpam_fields = {k: v for k, v in overrides.items() if k.startswith("gpam_")}
     stock = tiny_stock_config(model_type, **{k: v for k, v in overrides.items() if not k.startswith("gpam_")})
-    fields = {k: v for k, v in stock.to_dict().items() if k not in ("model_type", "transformers_version")}
-    return ARCHITECTURES[model_type].config_class(**fields, **gpam_fields)
+    return gpam_config_from_stock(stock, **gpam_fields)

@@ -8,16 +8,13 @@ the stock module stays as it is and only the attention map changes. A stock modu
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.cache_utils import EncoderDecoderCache
 
-from torch.nn import functional as F
-
+from .gpam_config_fields import finite_float
 from .gpam_ops import eager_gpam_attention, sdpa_gpam_attention
 
 
@@ -65,12 +62,6 @@ class GpamLambda(nn.Module):
         return f"num_heads={self.weight.shape[-1]}, tied={self.tied}, trainable={self.trainable}"
 
 
-def _check_finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    return float(value)
-
-
 class GpamAttentionMixin:
     """The daGPAM part of an attention module: ``gpam_q_neg`` (W⁻ᵀ), ``gpam_lambda`` and the dispatch.
 
@@ -93,11 +84,11 @@ class GpamAttentionMixin:
         """Create and initialise ``gpam_q_neg`` (on ``device`` in ``dtype``) and ``gpam_lambda`` (float32)."""
         if negative_init not in ("neg_identity", "normal"):
             raise ValueError(f"gpam_negative_init={negative_init!r} is not one of 'neg_identity', 'normal'")
-        self.gpam_lambda_pos_init = _check_finite("gpam_lambda_init", lambda_init)
+        self.gpam_lambda_pos_init = finite_float("gpam_lambda_init", lambda_init)
         self.gpam_lambda_neg_init = (
             self.gpam_lambda_pos_init
             if lambda_neg_init is None
-            else _check_finite("gpam_lambda_neg_init", lambda_neg_init)
+            else finite_float("gpam_lambda_neg_init", lambda_neg_init)
         )
         if tie_lambda and self.gpam_lambda_neg_init != self.gpam_lambda_pos_init:
             raise ValueError(

@@ -15,8 +15,11 @@ GPAM_NEGATIVE_INITS = ("neg_identity", "normal")
 GPAM_ATTENTION_TYPES = ("self", "cross")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def finite_float(name: str, value) -> float:
+    """``value`` as a float; ``ValueError`` naming ``name`` unless it is a finite int or float (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number (float)")
+    return float(value)
 
 
 @dataclass(kw_only=True)
@@ -83,9 +86,7 @@ class GpamConfigFields:
             value = getattr(self, name)
             if value is None and name == "gpam_lambda_neg_init":
                 continue
-            if not _is_number(value) or not math.isfinite(value):
-                raise ValueError(f"{name}={value!r} must be a finite number (float)")
-            setattr(self, name, float(value))
+            setattr(self, name, finite_float(name, value))
         for name in ("gpam_tie_lambda", "gpam_lambda_trainable"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
