@@ -166,7 +166,6 @@ def convert_checkpoint(
         tokenizer = None
 
     new_parameters = sum(p.numel() for name, p in model.named_parameters() if ".gpam_" in name)
-    results = {"conversion_max_abs_output_change": max_change, "gpam_new_parameters": new_parameters}
     files = save_hub_ready(
         model,
         output_dir,
