@@ -193,8 +193,9 @@ def bench_module(implementation: str, shape: dict, *, warmup, repetitions, targe
     # patch_model converts whole models; a lone module is converted with the same per-module helper
     from hf_gpam.modeling.gpam_attention import convert_attention_module
     from hf_gpam.modeling.modeling_gpam_gpt2 import GpamGPT2Attention
+    from hf_gpam.patching import gpam_config_from_stock
 
-    gpam_config = hf_gpam.GpamGPT2Config(**{**config.to_dict(), **GPAM_OPTIONS})
+    gpam_config = gpam_config_from_stock(config, **GPAM_OPTIONS)
     gpam_config._attn_implementation = implementation
     convert_attention_module(gpam, GpamGPT2Attention, gpam_config)
     gpam.config = gpam_config
