@@ -1,31 +1,24 @@
 """hf_gpam: daGPAM attention (Heo & Choi, 2024) for GPT-2, BART and Marian in HuggingFace Transformers.
 
 Importing the package registers the GPAM configs and models with ``AutoConfig``, ``AutoModel``,
-``AutoModelForCausalLM`` and ``AutoModelForSeq2SeqLM``; nothing else global happens.
+``AutoModelForCausalLM`` and ``AutoModelForSeq2SeqLM``, and the two daGPAM attention backends ``gpam_eager`` and
+``gpam_sdpa`` with transformers' ``AttentionInterface``; nothing else global happens.
 """
 
 from __future__ import annotations
 
-import os
-
-import transformers
-from packaging.version import Version
+from transformers import AutoConfig
 
 
 __version__ = "0.1.0"
 
-# the attention forwards re-implement transformers' own per-architecture forwards: a tested range only
-TRANSFORMERS_MIN, TRANSFORMERS_MAX = "5.23.0", "5.24.0"
-if not Version(TRANSFORMERS_MIN) <= Version(transformers.__version__) < Version(TRANSFORMERS_MAX):
-    if os.environ.get("HF_GPAM_SKIP_VERSION_CHECK") != "1":
-        raise ImportError(
-            f"hf_gpam {__version__} is tested with transformers>={TRANSFORMERS_MIN},<{TRANSFORMERS_MAX} but "
-            f"transformers {transformers.__version__} is installed. Run `pip install "
-            f"'transformers>={TRANSFORMERS_MIN},<{TRANSFORMERS_MAX}'`, or set HF_GPAM_SKIP_VERSION_CHECK=1 to try "
-            "anyway."
-        )
-
-from transformers import AutoConfig  # noqa: E402
+# the verified transformers range is checked when the modeling code is imported (hf_gpam.modeling.gpam_version),
+# here and in the copy that ships next to every checkpoint alike
+from .modeling.gpam_version import (  # noqa: E402
+    TRANSFORMERS_MAX_EXCLUSIVE,
+    TRANSFORMERS_MIN,
+    transformers_requirement,
+)
 
 from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, GpamArchitecture  # noqa: E402
 from .modeling import (  # noqa: E402
@@ -66,4 +59,7 @@ __all__ = [
     "GpamMarianMTModel",
     "is_gpam_model",
     "patch_model",
+    "transformers_requirement",
+    "TRANSFORMERS_MIN",
+    "TRANSFORMERS_MAX_EXCLUSIVE",
 ]

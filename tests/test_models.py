@@ -37,7 +37,7 @@ def test_patched_with_zero_lambda_gives_stock_outputs_also_after_reload(tmp_path
         expected = stock(**inputs)
         # a random W⁻: the identity must not depend on it
         patched = hf_gpam.patch_model(stock, gpam_negative_init="normal")
-        assert patched.config._attn_implementation == implementation
+        assert patched.config._attn_implementation == f"gpam_{implementation}"
         assert len(patched.gpam_modules()) > 0
         assert_same_outputs(model_type, inputs, patched(**inputs), expected)
 
@@ -59,7 +59,7 @@ def test_eager_and_sdpa_agree_with_nonzero_lambda_and_random_negative_weights(mo
         eager = model(**inputs)
         model.set_attn_implementation("sdpa")
         sdpa = model(**inputs)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "gpam_sdpa"
     assert_same_outputs(model_type, inputs, sdpa, eager, atol=1e-5)
     # and λ ≠ 0 really changes the model
     stock_like = copy.deepcopy(model)

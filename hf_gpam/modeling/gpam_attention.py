@@ -1,24 +1,20 @@
-"""daGPAM attention modules: the new parameters, their initialisation, and the backend dispatch.
+"""daGPAM attention modules: the new parameters and their initialisation.
 
-The classes here are mixins placed in front of transformers' own attention classes
-(``GpamBartAttention(GpamSeq2SeqAttentionMixin, BartAttention)``), so every projection, cache update and hook of
-the stock module stays as it is and only the attention map changes. A stock module is converted in place by
-``convert_attention_module``, which is how both new models and ``patch_model`` get their daGPAM layers.
+``GpamAttentionMixin`` is placed in front of transformers' own attention classes
+(``GpamBartAttention(GpamAttentionMixin, BartAttention)``) and adds only parameters: the ``forward`` is the stock
+one, which calls the attention function registered in ``gpam_interface`` where the daGPAM map is computed. A stock
+module is converted in place by ``convert_attention_module``, which is how both new models and ``patch_model`` get
+their daGPAM layers.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import initialization as init
-from transformers.cache_utils import EncoderDecoderCache
 
 from .gpam_config_fields import finite_float
-from .gpam_ops import eager_gpam_attention, sdpa_gpam_attention
-
-
-SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+from .gpam_interface import SUPPORTED_ATTN_IMPLEMENTATIONS  # noqa: F401  (re-exported)
 
 
 class GpamLambda(nn.Module):
@@ -62,11 +58,21 @@ class GpamLambda(nn.Module):
         return f"num_heads={self.weight.shape[-1]}, tied={self.tied}, trainable={self.trainable}"
 
 
-class GpamAttentionMixin:
-    """The daGPAM part of an attention module: ``gpam_q_neg`` (W⁻ᵀ), ``gpam_lambda`` and the dispatch.
+def query_head_count(module: nn.Module) -> int:
+    """The number of query heads H of a transformers attention module (attribute names differ by family)."""
+    for name in ("num_heads", "num_attention_heads"):
+        value = getattr(module, name, None)
+        if isinstance(value, int):
+            return value
+    return module.config.num_attention_heads
 
-    The host module must provide ``config`` (for ``_attn_implementation``), ``num_heads``, ``head_dim``,
-    ``scaling``, ``is_causal`` and ``training``, which all transformers attention modules have.
+
+class GpamAttentionMixin:
+    """The daGPAM parameters of an attention module: ``gpam_q_neg`` (W⁻ᵀ) and ``gpam_lambda`` (λ).
+
+    Nothing else: the stock ``forward`` runs unchanged and reaches the daGPAM map through the attention interface
+    (``gpam_interface``). The host module must provide ``head_dim`` and the number of query heads (``num_heads``
+    or ``config.num_attention_heads``).
     """
 
     def add_gpam_parameters(
@@ -98,7 +104,9 @@ class GpamAttentionMixin:
         self.gpam_negative_init = negative_init
         self.gpam_initializer_range = initializer_range
         self.gpam_q_neg = nn.Linear(self.head_dim, self.head_dim, bias=False, device=device, dtype=dtype)
-        self.gpam_lambda = GpamLambda(self.num_heads, tied=tie_lambda, trainable=lambda_trainable, device=device)
+        self.gpam_lambda = GpamLambda(
+            query_head_count(self), tied=tie_lambda, trainable=lambda_trainable, device=device
+        )
         self.reset_gpam_parameters()
 
     @torch.no_grad()
@@ -120,105 +128,6 @@ class GpamAttentionMixin:
         else:
             values = torch.tensor([self.gpam_lambda_pos_init, self.gpam_lambda_neg_init], dtype=lam.dtype)
             init.copy_(lam, values.to(lam.device)[:, None].expand_as(lam))
-
-    def gpam_attention(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        *,
-        dropout: float,
-        upcast: bool = False,
-        is_causal: bool | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drop-in for transformers' attention functions: returns ``(output (B, Tq, H, D), weights or None)``.
-
-        ``eager`` returns the signed map P_G as weights; ``sdpa`` is fused and returns ``None``, as stock sdpa does.
-        """
-        implementation = self.config._attn_implementation or "eager"
-        lambda_pos, lambda_neg = self.gpam_lambda()
-        # through the module call, so that a LoRA adapter on gpam_q_neg takes part: Q⁻ = ReLU(Q⁺) W⁻
-        query_neg = self.gpam_q_neg(F.relu(query))
-        is_causal = self.is_causal if is_causal is None else is_causal
-        if implementation == "eager":
-            # transformers always hands eager a full mask; causality is applied here only if it did not
-            causal = is_causal and attention_mask is None and query.shape[-2] > 1
-            output, weights = eager_gpam_attention(
-                query, key, value, query_neg, lambda_pos, lambda_neg,
-                scaling=self.scaling, attention_mask=attention_mask, is_causal=causal,
-                dropout_p=dropout, upcast=upcast,
-            )
-        elif implementation == "sdpa":
-            # the same rule as transformers' sdpa_attention_forward: masks that causality alone would
-            # describe arrive as None, and the kernel's is_causal flag must then be set
-            q_len = query.shape[-2]
-            causal = q_len > 1 and attention_mask is None and is_causal
-            if causal and key.shape[-2] > q_len:
-                key, value = key[:, :, :q_len], value[:, :, :q_len]
-            output = sdpa_gpam_attention(
-                query, key, value, query_neg, lambda_pos, lambda_neg,
-                scaling=self.scaling, attention_mask=attention_mask, is_causal=causal, dropout_p=dropout,
-            )
-            weights = None
-        else:
-            raise ValueError(
-                f"daGPAM attention does not support attn_implementation={implementation!r}; supported: "
-                f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Load the model with attn_implementation='sdpa' "
-                "(fused, default) or 'eager' (returns the signed attention maps)."
-            )
-        # (B, H, Tq, D) -> (B, Tq, H, D), the layout transformers' attention functions return
-        return output.transpose(1, 2), weights
-
-
-class GpamSeq2SeqAttentionMixin(GpamAttentionMixin):
-    """``forward`` for BART-style attention modules (``q_proj``/``k_proj``/``v_proj``/``out_proj``): BART, Marian.
-
-    Projections and KV-cache handling are those of the stock module; only the attention map is daGPAM. The cache
-    holds the stock K and V; Q⁻ is recomputed from Q⁺ at every step.
-    """
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor | None = None,
-        past_key_values=None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        is_cross_attention = key_value_states is not None
-        input_shape = hidden_states.shape[:-1]
-        # (B, Tq, H·D) -> (B, H, Tq, D)
-        query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-
-        cache, is_updated = past_key_values, False
-        if isinstance(past_key_values, EncoderDecoderCache):
-            is_updated = past_key_values.is_updated.get(self.layer_idx)
-            if is_cross_attention:
-                cache = past_key_values.cross_attention_cache
-            else:
-                cache = past_key_values.self_attention_cache
-
-        source = key_value_states if is_cross_attention else hidden_states
-        if is_cross_attention and cache is not None and is_updated:
-            # encoder keys/values were cached at the first decoding step
-            key = cache.layers[self.layer_idx].keys
-            value = cache.layers[self.layer_idx].values
-        else:
-            kv_shape = (*source.shape[:-1], -1, self.head_dim)
-            key = self.k_proj(source).view(kv_shape).transpose(1, 2)
-            value = self.v_proj(source).view(kv_shape).transpose(1, 2)
-            if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx)
-                if is_cross_attention and isinstance(past_key_values, EncoderDecoderCache):
-                    past_key_values.is_updated[self.layer_idx] = True
-
-        output, weights = self.gpam_attention(
-            query, key, value, attention_mask, dropout=self.dropout if self.training else 0.0, **kwargs
-        )
-        output = output.reshape(*input_shape, -1).contiguous()
-        return self.out_proj(output), weights
 
 
 def convert_attention_module(module: nn.Module, gpam_class: type, config) -> None:

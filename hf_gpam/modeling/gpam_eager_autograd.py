@@ -41,6 +41,9 @@ def fast_path_applies(query, key, value, q_neg, attention_mask, upcast: bool) ->
     """Whether ``EagerGpamFunction`` computes exactly what the composed eager path would."""
     if torch.compiler.is_compiling():
         return False
+    # under autocast the composed path lets autocast choose each op's precision, as stock attention does
+    if torch.is_autocast_enabled(query.device.type):
+        return False
     # The in-place softmax backward aliases its output with the saved probabilities; that is verified on the CPU
     # kernels only (no GPU was available when this was written), so other devices take the composed path.
     if query.device.type != "cpu":

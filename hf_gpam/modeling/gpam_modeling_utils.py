@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .gpam_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, GpamAttentionMixin, convert_attention_module
+from .gpam_attention import GpamAttentionMixin, convert_attention_module
+from .gpam_interface import gpam_attn_implementation
 
 
 class GpamModelMixin:
@@ -22,10 +23,12 @@ class GpamModelMixin:
     gpam_attention_class: type = None
     # set where the stock class leaves ``loss_type`` unresolved
     gpam_loss_type: str | None = None
-    # daGPAM is implemented for these two backends only; transformers then refuses the others at load time
+    # daGPAM is implemented behind two registered backends, gpam_eager and gpam_sdpa (see gpam_interface);
+    # transformers refuses flash and flex at load time, and get_correct_attn_implementation maps the rest
     _supports_flash_attn = False
     _supports_flex_attn = False
-    _supports_attention_backend = False
+    # the attention modules route through ALL_ATTENTION_FUNCTIONS (padding-free / packed batches work)
+    _supports_attention_backend = True
     # λ is a handful of numbers per layer whose updates would be rounded away in half precision
     _keep_in_fp32_modules = ["gpam_lambda"]
 
@@ -36,18 +39,21 @@ class GpamModelMixin:
     def gpam_attention_sites(self) -> Iterator[tuple[int, str, nn.Module]]:
         raise NotImplementedError
 
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        # The public hook through which transformers resolves every requested backend (construction,
+        # from_pretrained, set_attn_implementation): "sdpa" / None become the registered "gpam_sdpa", "eager" becomes
+        # "gpam_eager", anything else is refused. _attn_implementation is never saved in config.json, so this is
+        # also how a reloaded checkpoint gets its daGPAM backend back.
+        return super().get_correct_attn_implementation(gpam_attn_implementation(requested_attention), is_init_check)
+
     def convert_to_gpam(self) -> None:
         """Convert, in place, every stock attention module that the config selects for daGPAM.
 
         Used by ``__init__`` and by ``hf_gpam.patch_model``, so a new model and a patched one are built alike.
         """
         self.config.check_gpam_fields()
-        implementation = self.config._attn_implementation
-        if self.config.gpam_mode == "dagpam" and implementation not in (None, *SUPPORTED_ATTN_IMPLEMENTATIONS):
-            raise ValueError(
-                f"daGPAM attention does not support attn_implementation={implementation!r}; supported: "
-                f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}"
-            )
+        # raises for a backend daGPAM does not implement
+        self.config._attn_implementation = gpam_attn_implementation(self.config._attn_implementation)
         for layer_idx, kind, module in self.gpam_attention_sites():
             if self.config.gpam_layer_enabled(layer_idx, kind) and not isinstance(module, GpamAttentionMixin):
                 convert_attention_module(module, self.gpam_attention_class, self.config)

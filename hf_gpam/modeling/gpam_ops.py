@@ -75,11 +75,18 @@ def combine_dual_attention(
     return combined.to(out_dtype)
 
 
-def _scores(query, key, scaling, mask, is_causal, upcast):
+def _scores(query, key, scaling, mask, is_causal, upcast, softcap=None):
     # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
     if upcast:
-        query, key = query.float(), key.float()
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+        # GPT-2's reorder_and_upcast_attn: scores and softmax really in float32, also under autocast (which would
+        # otherwise run the matmul in half precision), as the stock module does
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    else:
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        # logit soft-capping (Gemma 2), before the mask as stock applies it
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask
     if is_causal:
@@ -101,6 +108,7 @@ def eager_gpam_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     upcast: bool = False,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """daGPAM with the maps materialised.
 
@@ -111,23 +119,36 @@ def eager_gpam_attention(
         is_causal: apply a bottom-right aligned causal mask on top of ``attention_mask``.
         dropout_p: dropout on the combined map P_G (pass 0.0 at inference).
         upcast: compute scores and softmax in float32 (GPT-2's ``reorder_and_upcast_attn``).
+        softcap: logit soft-capping ``tanh(s / softcap) · softcap`` of both score maps (Gemma 2), or None.
 
     Returns:
         ``(output, p_gpam)``: output (B, H, Tq, D) and the signed map P_G (B, H, Tq, Tk) in ``value``'s dtype.
     """
-    if fast_path_applies(query, key, value, query_neg, attention_mask, upcast):
+    if softcap is None and fast_path_applies(query, key, value, query_neg, attention_mask, upcast):
         # same numbers with a fraction of the T×T buffers; see gpam_eager_autograd
         return EagerGpamFunction.apply(
             query, query_neg, key, value, lambda_pos, lambda_neg, attention_mask, scaling, is_causal, dropout_p
         )
     mask = additive_mask(attention_mask, torch.float32 if upcast else query.dtype)
-    p_pos = torch.softmax(_scores(query, key, scaling, mask, is_causal, upcast), dim=-1)
-    p_neg = torch.softmax(_scores(query_neg, key, scaling, mask, is_causal, upcast), dim=-1)
+    # softmax in at least float32 (as transformers' eager functions do), the maps back in the input dtype
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
+    p_pos = torch.softmax(_scores(query, key, scaling, mask, is_causal, upcast, softcap), dim=-1, dtype=softmax_dtype)
+    p_neg = torch.softmax(
+        _scores(query_neg, key, scaling, mask, is_causal, upcast, softcap), dim=-1, dtype=softmax_dtype
+    )
     # (B, H, Tq, Tk)
     p_gpam = combine_dual_attention(p_pos, p_neg, lambda_pos, lambda_neg).to(value.dtype)
     if dropout_p > 0.0:
         p_gpam = F.dropout(p_gpam, p=dropout_p, training=True)
     return torch.matmul(p_gpam, value), p_gpam
+
+
+def broadcasts_over_queries(attention_mask: torch.Tensor | None) -> bool:
+    """Whether every query row of ``attention_mask`` (…, Tq, Tk) is the same row: size 1 or stride 0 on that axis.
+
+    transformers' padding masks for encoders and cross-attention are such expanded views of one (B, 1, 1, Tk) row.
+    """
+    return attention_mask is None or attention_mask.shape[-2] == 1 or attention_mask.stride(-2) == 0
 
 
 def sdpa_gpam_attention(
@@ -142,34 +163,36 @@ def sdpa_gpam_attention(
     attention_mask: torch.Tensor | None = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """Fused daGPAM: two softmax attentions through ``scaled_dot_product_attention``, combined linearly.
 
     ``is_causal`` is SDPA's flag (top-left aligned; only meaningful with ``attention_mask=None`` and Tq == Tk).
-    Causal calls run as two kernel calls, which measures fastest for training shapes. Non-causal calls (decode
-    steps, encoders, cross-attention) stack [Q⁺; Q⁻] along the query axis into one call, which reads K and V
-    once. Dropout, when on, is applied inside each kernel call.
+    ``enable_gqa`` lets K and V have fewer heads than the queries (grouped-query attention), read without copies.
+
+    Two layouts, both without any T×T tensor:
+      * masks that differ per query row (causal training shapes, causal + padding): two kernel calls, which also
+        measure fastest for causal training shapes;
+      * no mask, or one mask row shared by all queries (decode steps, encoders, cross-attention, padding): one call
+        with [Q⁺; Q⁻] stacked along the query axis, which reads K and V once; the mask is passed as its single row.
+    Dropout, when on, is applied inside each kernel call.
 
     Returns the output (B, H, Tq, D).
     """
     q_len = query.shape[-2]
-    if is_causal:
-        out_pos = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=True, scale=scaling
-        )
-        out_neg = F.scaled_dot_product_attention(
-            query_neg, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=True, scale=scaling
+    sdpa = F.scaled_dot_product_attention
+    if is_causal or not broadcasts_over_queries(attention_mask):
+        out_pos, out_neg = (
+            sdpa(q, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scaling,
+                 enable_gqa=enable_gqa)
+            for q in (query, query_neg)
         )
     else:
-        mask = attention_mask
-        if mask is not None and mask.shape[-2] != 1:
-            # one mask row per query row: the stacked queries need the rows twice
-            mask = torch.cat([mask, mask], dim=-2)
+        # one mask row, broadcast over the 2·Tq stacked queries (a view: nothing is copied)
+        mask = None if attention_mask is None else attention_mask[..., :1, :]
         # (B, H, 2·Tq, D)
         stacked = torch.cat([query, query_neg], dim=-2)
-        out = F.scaled_dot_product_attention(
-            stacked, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scaling
-        )
+        out = sdpa(stacked, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scaling, enable_gqa=enable_gqa)
         out_pos, out_neg = out[..., :q_len, :], out[..., q_len:, :]
     return combine_dual_attention(out_pos, out_neg, lambda_pos, lambda_neg)
 
@@ -185,6 +208,7 @@ def reference_gpam_attention(
     scaling: float,
     attention_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The spec's formulas, written out literally in float64; the tests' ground truth.
 
@@ -205,7 +229,10 @@ def reference_gpam_attention(
             bias = attention_mask.to(torch.float64)
 
     def softmax_map(queries):
-        scores = queries @ k.transpose(-1, -2) * scaling + bias
+        scores = queries @ k.transpose(-1, -2) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores + bias
         scores = scores.masked_fill(~allowed, float("-inf"))
         # rows with nothing to attend to come out uniform, as they do with transformers' finite masks
         scores = torch.where(allowed.any(-1, keepdim=True), scores, torch.zeros_like(scores))

@@ -1,4 +1,4 @@
-"""Bart with daGPAM attention: ``GpamBartModel`` and ``GpamGpamBartForConditionalGeneration``.
+"""Bart with daGPAM attention: ``GpamBartModel`` and ``GpamBartForConditionalGeneration``.
 
 The models are the stock transformers classes with each selected ``BartAttention`` (encoder self-attention,
 decoder self-attention, decoder cross-attention) converted in place into ``GpamBartAttention``; embeddings,
@@ -7,15 +7,17 @@ feed-forward blocks, KV cache and generation are untouched.
 
 from __future__ import annotations
 
+from transformers import GenerationMixin
 from transformers.models.bart.modeling_bart import BartAttention, BartForConditionalGeneration, BartModel
 
 from .configuration_gpam_bart import GpamBartConfig
-from .gpam_attention import GpamSeq2SeqAttentionMixin
+from .gpam_attention import GpamAttentionMixin
 from .gpam_modeling_utils import GpamSeq2SeqModelMixin
 
 
-class GpamBartAttention(GpamSeq2SeqAttentionMixin, BartAttention):
-    """``BartAttention`` with the daGPAM map; projections and cache handling are stock."""
+class GpamBartAttention(GpamAttentionMixin, BartAttention):
+    """``BartAttention`` with daGPAM parameters; its forward is the stock one (the map comes from
+    ``gpam_interface``), so projections and cache handling are stock."""
 
 
 class GpamBartModelMixin(GpamSeq2SeqModelMixin):
@@ -28,7 +30,7 @@ class GpamBartModel(GpamBartModelMixin, BartModel):
     config_class = GpamBartConfig
 
 
-class GpamBartForConditionalGeneration(GpamBartModelMixin, BartForConditionalGeneration):
+class GpamBartForConditionalGeneration(GpamBartModelMixin, BartForConditionalGeneration, GenerationMixin):
     """``BartForConditionalGeneration`` with daGPAM attention; generation (greedy, beam, sampling) and cache are stock."""
 
     config_class = GpamBartConfig

@@ -7,15 +7,17 @@ feed-forward blocks, KV cache and generation are untouched.
 
 from __future__ import annotations
 
+from transformers import GenerationMixin
 from transformers.models.marian.modeling_marian import MarianAttention, MarianMTModel, MarianModel
 
 from .configuration_gpam_marian import GpamMarianConfig
-from .gpam_attention import GpamSeq2SeqAttentionMixin
+from .gpam_attention import GpamAttentionMixin
 from .gpam_modeling_utils import GpamSeq2SeqModelMixin
 
 
-class GpamMarianAttention(GpamSeq2SeqAttentionMixin, MarianAttention):
-    """``MarianAttention`` with the daGPAM map; projections and cache handling are stock."""
+class GpamMarianAttention(GpamAttentionMixin, MarianAttention):
+    """``MarianAttention`` with daGPAM parameters; its forward is the stock one (the map comes from
+    ``gpam_interface``), so projections and cache handling are stock."""
 
 
 class GpamMarianModelMixin(GpamSeq2SeqModelMixin):
@@ -28,7 +30,7 @@ class GpamMarianModel(GpamMarianModelMixin, MarianModel):
     config_class = GpamMarianConfig
 
 
-class GpamMarianMTModel(GpamMarianModelMixin, MarianMTModel):
+class GpamMarianMTModel(GpamMarianModelMixin, MarianMTModel, GenerationMixin):
     """``MarianMTModel`` with daGPAM attention; generation (greedy, beam, sampling) and cache are stock."""
 
     config_class = GpamMarianConfig

@@ -1,0 +1,267 @@
+"""daGPAM behind transformers' attention interface.
+
+Every attention module of GPT-2, BART, Marian, Llama, Qwen, Gemma, GPT-NeoX, OPT, OLMo2, ... does its own
+projections, q/k norms, rotary embeddings and KV-cache update, then calls
+
+    ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)(
+        module, query, key, value, attention_mask, dropout=..., scaling=..., **kwargs)
+
+daGPAM lives entirely behind that call. This file registers two attention functions, ``gpam_eager`` and
+``gpam_sdpa``, with ``AttentionInterface`` (and their mask functions with ``AttentionMaskInterface``, without which
+transformers would build no mask for an unknown name). A GPAM model's config names one of them. The function gets
+the module, so its ``gpam_q_neg`` (W⁻) and ``gpam_lambda`` (λ) are at hand, and ``query`` is Q⁺ exactly as it
+enters the softmax. Modules without daGPAM parameters (unselected layers, ``gpam_mode="softmax"``) are handed to
+the stock function with the same arguments, so they compute exactly what transformers computes.
+
+No stock ``forward`` is copied: when transformers renames something inside its attention modules (5.24 renamed
+``past_key_values=`` to ``cache=``), the stock forward still does it right, and daGPAM only sees the keywords that
+reach the attention function. Each keyword is handled explicitly (``KEYWORD_POLICY``); an unknown one is an error,
+never silently swallowed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .gpam_ops import eager_gpam_attention, sdpa_gpam_attention
+from .gpam_version import check_transformers_version
+
+
+check_transformers_version()
+
+# the registered daGPAM backend standing for each stock backend it reproduces
+GPAM_ATTN_IMPLEMENTATIONS = {"eager": "gpam_eager", "sdpa": "gpam_sdpa"}
+SUPPORTED_ATTN_IMPLEMENTATIONS = tuple(GPAM_ATTN_IMPLEMENTATIONS)
+
+# What daGPAM does with each keyword a stock eager / sdpa attention function can receive:
+#   "applied"   changes the math; applied to both maps exactly as stock applies it to its one map
+#   "mask"      already encoded in the attention mask transformers built from it (sliding windows, packed
+#               sequences), which both maps share; the flash-only packing metadata is redundant with that mask
+#   "ignored"   output / cache flags that do not change attention; stock eager and sdpa ignore them too
+#   "refused"   raises ValueError when set (not None): daGPAM has no definition for it yet
+KEYWORD_POLICY = {
+    "softcap": "applied",
+    "is_causal": "applied",
+    "sliding_window": "mask",
+    "position_ids": "mask",
+    "cu_seq_lens_q": "mask",
+    "cu_seq_lens_k": "mask",
+    "max_length_q": "mask",
+    "max_length_k": "mask",
+    "use_cache": "ignored",
+    "output_attentions": "ignored",
+    "output_hidden_states": "ignored",
+    "return_dict": "ignored",
+    "s_aux": "refused",
+    "sinks": "refused",
+    "position_bias": "refused",
+    "cache": "refused",
+}
+REFUSED_REASONS = {
+    "s_aux": "attention sinks (an extra softmax column per head) are not defined for the two daGPAM maps",
+    "sinks": "attention sinks (an extra softmax column per head) are not defined for the two daGPAM maps",
+    "position_bias": "additive position biases (T5-style) are not supported by daGPAM yet",
+    "cache": "paged attention caches (continuous batching) are not supported by daGPAM",
+}
+
+
+def gpam_attn_implementation(requested: str | None) -> str:
+    """The registered daGPAM backend for a requested ``attn_implementation``.
+
+    ``None`` (transformers' default) and ``"sdpa"`` give ``"gpam_sdpa"``, ``"eager"`` gives ``"gpam_eager"``; the
+    daGPAM names themselves are returned as they are. Anything else raises ``ValueError``.
+    """
+    if requested is None:
+        return GPAM_ATTN_IMPLEMENTATIONS["sdpa"]
+    if requested in GPAM_ATTN_IMPLEMENTATIONS.values():
+        return requested
+    if requested in GPAM_ATTN_IMPLEMENTATIONS:
+        return GPAM_ATTN_IMPLEMENTATIONS[requested]
+    raise ValueError(
+        f"daGPAM attention does not support attn_implementation={requested!r}; supported: "
+        f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Use attn_implementation='sdpa' (fused, default) or 'eager' "
+        "(returns the signed attention maps)."
+    )
+
+
+def stock_attn_implementation(name: str | None) -> str | None:
+    """The stock backend a daGPAM backend reproduces (``"gpam_sdpa"`` -> ``"sdpa"``); other names unchanged."""
+    for stock, gpam in GPAM_ATTN_IMPLEMENTATIONS.items():
+        if name == gpam:
+            return stock
+    return name
+
+
+def is_gpam_attention_module(module: torch.nn.Module) -> bool:
+    """True for an attention module that carries daGPAM parameters (hf_gpam's classes or remote-code ones)."""
+    return getattr(module, "gpam_lambda", None) is not None and getattr(module, "gpam_q_neg", None) is not None
+
+
+def check_attention_keywords(kwargs: dict, backend: str) -> dict:
+    """Validate the keywords a daGPAM attention function received; return the ones it applies.
+
+    Raises ``TypeError`` for a keyword not in ``KEYWORD_POLICY`` and ``ValueError`` for a refused one that is set.
+    """
+    applied = {}
+    for name, value in kwargs.items():
+        policy = KEYWORD_POLICY.get(name)
+        if policy is None:
+            raise TypeError(
+                f"daGPAM attention ({backend}) received the unknown keyword {name!r}. transformers passes keywords to "
+                "attention functions that hf_gpam does not know yet; rather than ignoring one that may change the "
+                f"math, it stops here. Known keywords: {', '.join(sorted(KEYWORD_POLICY))}. Check that your "
+                "transformers version is in hf_gpam's verified range, and report this keyword."
+            )
+        if policy == "refused" and value is not None:
+            raise ValueError(f"daGPAM attention ({backend}): {name}= is not supported: {REFUSED_REASONS[name]}.")
+        if policy == "applied":
+            applied[name] = value
+    if backend == "sdpa" and applied.get("softcap") is not None:
+        # what stock sdpa does too: scaled_dot_product_attention has no soft-capping
+        raise ValueError(
+            "daGPAM attention (sdpa) does not support softcap (logit soft-capping), as transformers' sdpa does not; "
+            "load the model with attn_implementation='eager'."
+        )
+    return applied
+
+
+def _key_value_groups(query: torch.Tensor, key: torch.Tensor) -> int:
+    # grouped-query attention: H query heads share H_kv key/value heads, H = n_rep · H_kv
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"daGPAM attention: {heads} query heads cannot share {kv_heads} key/value heads")
+    return heads // kv_heads
+
+
+def negative_query(module: torch.nn.Module, query: torch.Tensor) -> torch.Tensor:
+    """Q⁻ = ReLU(Q⁺) W⁻, (B, H, Tq, D), through the module call so that wrappers (PEFT's LoRA) take part."""
+    return module.gpam_q_neg(F.relu(query))
+
+
+_STOCK_EAGER_FUNCTIONS: dict[type, Callable] = {}
+
+
+def stock_eager_attention_function(module: torch.nn.Module) -> Callable:
+    """The ``eager_attention_forward`` of the transformers modeling file that defines ``module``'s class.
+
+    That is the default every stock attention module passes to ``get_interface``, so a module without daGPAM
+    parameters computes under ``gpam_eager`` exactly what it computes under ``eager``.
+    """
+    cls = type(module)
+    function = _STOCK_EAGER_FUNCTIONS.get(cls)
+    if function is None:
+        for base in cls.__mro__:
+            function = getattr(sys.modules.get(base.__module__), "eager_attention_forward", None)
+            if function is not None and base.__module__.startswith("transformers."):
+                break
+            function = None
+        if function is None:
+            raise ValueError(
+                f"{cls.__name__} is not an attention module of a transformers modeling file with an "
+                "eager_attention_forward; daGPAM's gpam_eager backend cannot reproduce its stock eager attention"
+            )
+        _STOCK_EAGER_FUNCTIONS[cls] = function
+    return function
+
+
+def gpam_eager_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``gpam_eager`` attention function: daGPAM with materialised maps, returning the signed P_G.
+
+    Args follow transformers' attention functions: query (B, H, Tq, D), key and value (B, H_kv, Tk, D), the
+    additive mask transformers built for eager (B, 1, Tq, Tk) or None. Returns ``(output (B, Tq, H, D), P_G)``.
+    """
+    if not is_gpam_attention_module(module):
+        if getattr(module, "reorder_and_upcast_attn", False):
+            # GPT-2 takes this method instead of its eager function when the backend is "eager"
+            return module._upcast_and_reordered_attn(query, key, value, attention_mask)
+        return stock_eager_attention_function(module)(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    applied = check_attention_keywords(kwargs, "eager")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    # Q⁻ from Q⁺ before K and V are repeated; repeat_kv is what stock eager functions do for grouped-query heads
+    query_neg = negative_query(module, query)
+    groups = _key_value_groups(query, key)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    lambda_pos, lambda_neg = module.gpam_lambda()
+    # stock eager functions never add causality themselves: the eager mask transformers builds is always complete
+    output, p_gpam = eager_gpam_attention(
+        query, key, value, query_neg, lambda_pos, lambda_neg,
+        scaling=scaling, attention_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
+        upcast=bool(getattr(module, "reorder_and_upcast_attn", False)), softcap=applied.get("softcap"),
+    )
+    # (B, H, Tq, D) -> (B, Tq, H, D), the layout attention functions return
+    return output.transpose(1, 2).contiguous(), p_gpam
+
+
+def gpam_sdpa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``gpam_sdpa`` attention function: fused daGPAM through ``scaled_dot_product_attention``.
+
+    Causality follows transformers' own sdpa function: a mask that causality alone describes arrives as None, and
+    the kernel's ``is_causal`` flag is then set (``is_causal`` keyword, else ``module.is_causal``). Returns
+    ``(output (B, Tq, H, D), None)``.
+    """
+    if not is_gpam_attention_module(module):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    applied = check_attention_keywords(kwargs, "sdpa")
+    is_causal = applied.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    q_len = query.shape[-2]
+    is_causal = q_len > 1 and attention_mask is None and bool(is_causal)
+    if is_causal and key.shape[-2] > q_len:
+        # prefill into an empty static cache: the kernel's causal mask is top-left aligned, the unused slots go
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    query_neg = negative_query(module, query)
+    groups = _key_value_groups(query, key)
+    # grouped-query heads: the kernel reads shared K/V heads itself when no mask forces its math path (stock's rule)
+    enable_gqa = groups > 1 and attention_mask is None
+    if groups > 1 and not enable_gqa:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    lambda_pos, lambda_neg = module.gpam_lambda()
+    output = sdpa_gpam_attention(
+        query, key, value, query_neg, lambda_pos, lambda_neg,
+        scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
+        attention_mask=attention_mask, is_causal=is_causal, dropout_p=dropout, enable_gqa=enable_gqa,
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register_gpam_attention() -> None:
+    """Register ``gpam_eager`` and ``gpam_sdpa`` (attention and mask functions); idempotent.
+
+    Done when this module is imported, by hf_gpam and by checkpoints' remote code alike. The mask functions are the
+    stock ones, so both daGPAM maps see exactly the mask (causal, padding, sliding window, packed sequences) that
+    stock attention would.
+    """
+    AttentionInterface.register(GPAM_ATTN_IMPLEMENTATIONS["eager"], gpam_eager_attention_forward)
+    AttentionInterface.register(GPAM_ATTN_IMPLEMENTATIONS["sdpa"], gpam_sdpa_attention_forward)
+    AttentionMaskInterface.register(GPAM_ATTN_IMPLEMENTATIONS["eager"], eager_mask)
+    AttentionMaskInterface.register(GPAM_ATTN_IMPLEMENTATIONS["sdpa"], sdpa_mask)
+
+
+register_gpam_attention()
