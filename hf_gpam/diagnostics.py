@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .modeling.gpam_ops import reference_gpam_attention
@@ -296,9 +297,15 @@ def is_gpam_attention(module: nn.Module) -> bool:
     return hasattr(module, "gpam_lambda") and hasattr(module, "gpam_q_neg")
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT ``PeftModel`` (adapters stay injected in it), else ``model`` itself."""
+    # duck-typed so that peft stays optional; a PeftModel's own ``base_model`` is the tuner, not the model's body
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+
+
 def block_stacks(model: nn.Module) -> dict[str, list[nn.Module]]:
     """The transformer blocks of each stack in order: ``{"decoder": [...]}`` (GPT-2) or encoder and decoder."""
-    body = model.base_model
+    body = unwrap_peft(model).base_model
     if model_family(model) == "gpt2":
         return {"decoder": list(body.h)}
     return {"encoder": list(body.encoder.layers), "decoder": list(body.decoder.layers)}
@@ -698,8 +705,10 @@ def attention_components(
     """P⁺, P⁻ and P_G of one attention module, recomputed in float64 from the inputs the module received.
 
     A hook captures the module's inputs during a forward pass (eager backend, so the mask it gets is the full
-    one); Q⁺, K and V are recomputed with the module's own projections and the maps with
-    ``reference_gpam_attention``. For a softmax module ``p_neg`` is None and ``p_gpam`` equals ``p_pos``.
+    one); Q⁺, K and V are recomputed with the module's own projections and Q⁻ = ``gpam_q_neg(ReLU(Q⁺))`` through
+    the module, as the forward computes it, so adapters on W⁻ (PEFT LoRA) are included; the two softmax maps are
+    computed in float64 by ``reference_gpam_attention``'s rules. A PEFT-wrapped model can be passed as is. For a
+    softmax module ``p_neg`` is None and ``p_gpam`` equals ``p_pos``.
 
     Returns:
         ``{"p_pos", "p_neg", "p_gpam"}`` of shape (N, H, Tq, Tk), plus ``"lambda_pos"``/``"lambda_neg"`` (H,)
@@ -750,26 +759,34 @@ def attention_components(
 
     query, key, value = _project(site, captured["hidden"], captured["source"])
     module = site.module
-    if is_gpam_attention(module):
-        weight = module.gpam_lambda.weight.detach()
-        lambda_pos, lambda_neg = (weight, weight) if weight.dim() == 1 else (weight[0], weight[1])
-        q_neg_weight = module.gpam_q_neg.weight
-    else:
-        lambda_pos = lambda_neg = torch.zeros(query.shape[1], device=query.device)
-        q_neg_weight = torch.zeros(query.shape[-1], query.shape[-1], device=query.device)
     # transformers hands eager a full mask; causality is added only if it did not (as the modules do)
     mask = captured["mask"]
     is_causal = bool(getattr(module, "is_causal", False)) and mask is None and query.shape[-2] > 1
-    maps = reference_gpam_attention(
-        query, key, value, q_neg_weight, lambda_pos, lambda_neg,
-        scaling=module.scaling, attention_mask=mask, is_causal=is_causal,
-    )
-    gpam = is_gpam_attention(module)
+
+    def softmax_map(queries: torch.Tensor) -> torch.Tensor:
+        # the float64 reference with λ = 0 is exactly one softmax map under the modules' mask conventions
+        no_lambda = torch.zeros(queries.shape[1], device=queries.device)
+        unused_weight = torch.zeros(queries.shape[-1], queries.shape[-1], device=queries.device)
+        return reference_gpam_attention(
+            queries, key, value, unused_weight, no_lambda, no_lambda,
+            scaling=module.scaling, attention_mask=mask, is_causal=is_causal,
+        )["p_pos"]
+
+    p_pos = softmax_map(query)
+    if not is_gpam_attention(module):
+        return {"p_pos": p_pos, "p_neg": None, "p_gpam": p_pos, "lambda_pos": None, "lambda_neg": None,
+                "query_mask": masks[stack]}
+    # Q⁻ through the module, as the forward computes it: a PEFT LoRA on gpam_q_neg (or any wrapper) is part of W⁻
+    p_neg = softmax_map(module.gpam_q_neg(F.relu(query)))
+    weight = module.gpam_lambda.weight.detach()
+    lambda_pos, lambda_neg = (weight, weight) if weight.dim() == 1 else (weight[0], weight[1])
+    # (H,) -> (1, H, 1, 1) against the (N, H, Tq, Tk) maps
+    lam_pos, lam_neg = (lam.to(torch.float64).view(1, -1, 1, 1) for lam in (lambda_pos, lambda_neg))
     return {
-        "p_pos": maps["p_pos"],
-        "p_neg": maps["p_neg"] if gpam else None,
-        "p_gpam": maps["p_gpam"],
-        "lambda_pos": lambda_pos.detach().float().cpu() if gpam else None,
-        "lambda_neg": lambda_neg.detach().float().cpu() if gpam else None,
+        "p_pos": p_pos,
+        "p_neg": p_neg,
+        "p_gpam": (1 + lam_pos) * p_pos - lam_neg * p_neg,
+        "lambda_pos": lambda_pos.float().cpu(),
+        "lambda_neg": lambda_neg.float().cpu(),
         "query_mask": masks[stack],
     }

@@ -4,6 +4,7 @@ Every metric is checked against a value worked out by hand (or by brute force) o
 against a direct autograd computation on the model's default (sdpa) backend; the CLI on tiny saved models.
 """
 
+import copy
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from hf_gpam.diagnostics import (
     attention_components,
     attention_entropy,
     attention_sites,
+    attn_implementation,
     diagnose_model,
     l1_inf_norm,
     mean_pairwise_cosine,
@@ -153,6 +155,7 @@ def _batch(length=9, pad_from=6, low=3):
 def test_gpt2_gradient_norms_match_direct_autograd():
     model = _gpt2(gpam=True)
     ids, mask = _batch()
+    backend = model.config._attn_implementation
     result = diagnose_model(model, ids, mask)
     # independent: the default sdpa backend, gradients taken directly with autograd
     labels = ids.masked_fill(mask == 0, -100)
@@ -171,7 +174,7 @@ def test_gpt2_gradient_norms_match_direct_autograd():
         assert stats.lambda_pos == stats.lambda_neg == [0.5] * model.config.n_head
     # the measurement leaves no gradients behind and restores the backend
     assert all(p.grad is None for p in model.parameters())
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == backend
 
 
 def test_bart_gradient_norms_match_direct_autograd():
@@ -283,6 +286,32 @@ def test_attention_components_of_a_softmax_module():
     assert torch.equal(maps["p_gpam"], maps["p_pos"])
     with pytest.raises(ValueError, match="no attention module decoder.5.self"):
         attention_components(_gpt2(gpam=False), *_batch(), layer=5)
+
+
+def test_attention_components_include_a_lora_delta_on_w_neg():
+    peft = pytest.importorskip("peft")
+    ids, mask = _batch()
+    # init_lora_weights=False: a non-zero delta on W⁻ from the start; λ trained as a modules_to_save copy
+    config = peft.LoraConfig(r=4, lora_alpha=32, target_modules=["gpam_q_neg"], modules_to_save=["gpam_lambda"],
+                             init_lora_weights=False)
+    peft_model = peft.get_peft_model(_gpt2(gpam=True), config).eval()
+    adapted = attention_components(peft_model, ids, mask, layer=1)
+
+    # W⁻ + delta as one plain weight: what P⁻ must be
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    assert not hasattr(merged, "peft_config")
+    expected = attention_components(merged, ids, mask, layer=1)
+    torch.testing.assert_close(adapted["p_neg"], expected["p_neg"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(adapted["p_gpam"], expected["p_gpam"], atol=1e-6, rtol=0)
+    # and the signed map the adapted model itself returns
+    with attn_implementation(peft_model, "eager"), torch.no_grad():
+        returned = peft_model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[1]
+    torch.testing.assert_close(adapted["p_gpam"], returned.to(F64), atol=1e-5, rtol=0)
+
+    # the base W⁻ alone gives a visibly different P⁻: the test would catch a delta that is ignored
+    with peft_model.disable_adapter():
+        without_delta = attention_components(peft_model, ids, mask, layer=1)
+    assert (adapted["p_neg"] - without_delta["p_neg"]).abs().max() > 1e-2
 
 
 # --------------------------------------------------------------------------------------------------- plotting
