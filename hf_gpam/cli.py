@@ -1,10 +1,28 @@
-"""The ``hf-gpam`` command line: one sub-command per module, each exposing ``add_arguments`` and ``run``."""
+"""The ``hf-gpam`` command line: one sub-command per module, each exposing ``add_arguments`` and ``run``.
+
+Errors: bad input ends a sub-command with one line on stderr and exit status 2, never a traceback. "Bad input"
+is what a user can fix by changing the command or the files it reads:
+
+- ``ValueError`` (an unsupported model type, an out-of-range option, empty text; ``json.JSONDecodeError`` for a
+  JSON file that is not JSON is one),
+- ``OSError``, alias ``EnvironmentError`` (``FileNotFoundError``, ``PermissionError``; transformers raises it for
+  a missing checkpoint, an unknown Hub id, no network with ``HF_HUB_OFFLINE=1`` and a ``config.json`` that is not
+  JSON),
+- ``safetensors.SafetensorError`` (a truncated or corrupt ``*.safetensors`` file).
+
+Anything else (``RuntimeError`` from torch, ``KeyError``, ``AttributeError``...) is a bug in hf_gpam or in a
+library it calls and keeps its traceback, so it can be reported and fixed rather than hidden behind an exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
+
+from safetensors import SafetensorError
 
 
 # sub-command -> (module, one-line help); modules are imported only when their command runs
@@ -14,6 +32,35 @@ COMMANDS = {
     "diagnose": ("hf_gpam.diagnose_cli", "per-layer rank collapse, gradients and attention maps of models on text"),
     "compare-curves": ("hf_gpam.compare_curves_cli", "training-log curves of several Trainer output dirs on one figure"),
 }
+
+# what main() reports as a one-line error with exit status 2 (see the module docstring)
+BAD_INPUT_ERRORS = (ValueError, OSError, SafetensorError)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when ``name`` can only mean a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``), not a Hub id.
+
+    A Hub id is ``name`` or ``namespace/name``; transformers answers a missing local folder that looks like one
+    with a confusing "Repo id must be in the form..." message, so the sub-commands check such paths first.
+    """
+    if name.startswith((".", "/", "~")) or (os.altsep is not None and os.altsep in name):
+        return True
+    return os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
+
+
+def check_model_source(name: str) -> None:
+    """Raise ``FileNotFoundError`` when ``name`` is meant as a local folder (by its form) and there is none."""
+    if not os.path.isdir(name) and (looks_like_local_path(name) or os.path.exists(name)):
+        raise FileNotFoundError(f"model folder {name!r} does not exist (pass a local folder or a Hub id)")
+
+
+def unreadable_weights(name: str, error: SafetensorError) -> OSError:
+    """The error to raise for a ``SafetensorError`` while loading ``name``: safetensors' own message ("incomplete
+    metadata", "header too small") says neither which checkpoint it was reading nor what to do."""
+    return OSError(
+        f"cannot read the weights of {name!r}: a *.safetensors file is truncated or corrupt ({error}); save or "
+        "download the checkpoint again"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException, command: str) -> str:
+    # transformers' OSErrors span several lines; the prefix is dropped when the error already carries it
+    message = " ".join(str(error).split()).removeprefix(f"hf-gpam {command}: ")
+    if not isinstance(error, ValueError):
+        # "FileNotFoundError: ..." / "SafetensorError: ..." say what kind of input was wrong
+        message = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return f"hf-gpam {command}: error: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one sub-command; a ``ValueError`` (bad model, input or option) is printed as one line, exit code 2."""
+    """Run one sub-command. Bad input (``BAD_INPUT_ERRORS``) is printed as one line on stderr, exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(args.module_name).run(args) or 0
-    except ValueError as error:
-        print(f"hf-gpam {args.command}: error: {error}", file=sys.stderr)
+    except BAD_INPUT_ERRORS as error:
+        print(_one_line(error, args.command), file=sys.stderr)
         return 2
 
 

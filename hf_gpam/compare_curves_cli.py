@@ -10,6 +10,7 @@ evaluation loss of every run is printed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from .plotting import plot_training_curves, read_trainer_log
@@ -23,13 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None)
 
 
+def _read_log(run_dir: str) -> list[dict]:
+    try:
+        return read_trainer_log(run_dir)
+    except json.JSONDecodeError as error:
+        # the decoder's message gives a line and column but not the file: name the run
+        raise ValueError(f"the trainer_state.json of {run_dir!r} is not valid JSON ({error})") from error
+
+
 def run(args: argparse.Namespace) -> int:
     labels = args.labels or [os.path.basename(os.path.normpath(run)) for run in args.runs]
     if len(labels) != len(args.runs):
         raise ValueError(f"--labels has {len(labels)} entries for {len(args.runs)} runs; give one label per run")
     if len(set(labels)) != len(labels):
         raise ValueError(f"run labels must be unique, got {labels}; pass --labels")
-    logs = {label: read_trainer_log(run) for label, run in zip(labels, args.runs)}
+    logs = {label: _read_log(run) for label, run in zip(labels, args.runs)}
     path = plot_training_curves(logs, args.output, metrics=args.metrics, title=args.title)
     print(f"{'run':30s} {'steps':>6s} {'last loss':>10s} {'best eval_loss':>15s}")
     for label, log in logs.items():

@@ -11,6 +11,9 @@ Example:
 hf-gpam convert gpt2 --output_dir outputs/gpt2-dagpam
 hf-gpam convert Helsinki-NLP/opus-mt-en-de --output_dir outputs/opus-mt-en-de-dagpam --gpam_layers 0 1 2
 ```
+
+The output folder must be new or empty unless ``--overwrite_output_dir`` is given (files of the same name are then
+replaced, others kept), and it is never the source checkpoint's own folder, local or in the Hub cache.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 from dataclasses import MISSING, fields
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from .architectures import ARCHITECTURES, supported_model_types
+from .cli import check_model_source, unreadable_weights
 from .hub import save_hub_ready
 from .modeling.gpam_config_fields import GpamConfigFields
 from .patching import is_gpam_model, patch_model
@@ -66,7 +73,11 @@ def add_gpam_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a stock GPT-2 / BART / Marian checkpoint: local folder or Hub id")
-    parser.add_argument("--output_dir", required=True, help="the folder to write")
+    parser.add_argument("--output_dir", required=True, help="the folder to write (new or empty)")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="write into a non-empty --output_dir, replacing files of the same name (never the source folder)",
+    )
     parser.add_argument(
         "--task", choices=sorted(TASKS), default="auto",
         help="which head to load: causal-lm, seq2seq-lm, base (no head), or auto (from the checkpoint's config)",
@@ -75,6 +86,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo_id", default=None, help="the Hub repository the folder is meant for (model card)")
     parser.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager"))
     add_gpam_arguments(parser)
+
+
+def _source_folder(model_name_or_path: str, revision: str) -> str | None:
+    # a local folder is the source itself; a Hub id's files live in a snapshot folder of the Hub cache, whose
+    # entries are links into the shared blob store: writing "over" them would corrupt the cache
+    if os.path.isdir(model_name_or_path):
+        return model_name_or_path
+    try:
+        cached = try_to_load_from_cache(model_name_or_path, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id: nothing cached to protect
+        return None
+    return os.path.dirname(cached) if isinstance(cached, str) else None
+
+
+def check_output_dir(
+    model_name_or_path: str, output_dir: str, *, revision: str = "main", overwrite_output_dir: bool = False
+) -> None:
+    """Refuse an ``output_dir`` that would destroy something: the source checkpoint's folder (always), a file, or
+    a non-empty folder (unless ``overwrite_output_dir``).
+
+    Paths are compared after resolving links, so ``./ckpt``, ``ckpt/`` and a symlink to it are the same folder.
+
+    Raises:
+        ValueError: saying which case it is and what to pass instead.
+    """
+    source = _source_folder(model_name_or_path, revision)
+    if source is not None and (
+        os.path.realpath(output_dir) == os.path.realpath(source)
+        or os.path.isdir(output_dir) and os.path.samefile(output_dir, source)
+    ):
+        raise ValueError(
+            f"--output_dir {output_dir!r} is the folder of the checkpoint being converted ({model_name_or_path!r}); "
+            "converting in place would overwrite the source weights. Choose another folder."
+        )
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} is a file, not a folder; choose a folder path")
+    entries = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if entries and not overwrite_output_dir:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(
+            f"--output_dir {output_dir!r} is not empty ({len(entries)} entries: {shown}); choose a new folder, or "
+            "pass --overwrite_output_dir (overwrite_output_dir=True in Python) to replace the files in it"
+        )
 
 
 def _auto_class(config, task: str):
@@ -114,9 +168,13 @@ def convert_checkpoint(
     repo_id: str | None = None,
     attn_implementation: str = "sdpa",
     command: str | None = None,
+    overwrite_output_dir: bool = False,
     **gpam_options,
 ) -> dict:
     """Patch ``model_name_or_path`` with daGPAM and write a Hub-ready folder to ``output_dir``.
+
+    ``output_dir`` must be new or empty unless ``overwrite_output_dir=True``, and is never the source folder
+    (``check_output_dir``); this is checked before anything is loaded.
 
     Returns a summary: the GPAM class, the number of new parameters, the largest absolute change of the logits
     (or last hidden states) on a fixed random batch, and the files written.
@@ -134,6 +192,8 @@ def convert_checkpoint(
     'GpamGPT2LMHeadModel'
     ```
     """
+    check_model_source(model_name_or_path)
+    check_output_dir(model_name_or_path, output_dir, revision=revision, overwrite_output_dir=overwrite_output_dir)
     config = AutoConfig.from_pretrained(model_name_or_path, revision=revision)
     if config.model_type not in ARCHITECTURES:
         raise ValueError(
@@ -143,7 +203,12 @@ def convert_checkpoint(
     if task not in TASKS:
         raise ValueError(f"hf-gpam convert: task {task!r} is not one of {', '.join(sorted(TASKS))}")
     auto_class = _auto_class(config, task)
-    model = auto_class.from_pretrained(model_name_or_path, revision=revision, attn_implementation=attn_implementation)
+    try:
+        model = auto_class.from_pretrained(
+            model_name_or_path, revision=revision, attn_implementation=attn_implementation
+        )
+    except SafetensorError as error:
+        raise unreadable_weights(model_name_or_path, error) from error
     model.eval()
     inputs = _dummy_inputs(model, config)
     with torch.no_grad():
@@ -218,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         repo_id=args.repo_id,
         attn_implementation=args.attn_implementation,
         command=command,
+        overwrite_output_dir=args.overwrite_output_dir,
         **gpam_options,
     )
     print(json.dumps(summary, indent=2))

@@ -19,7 +19,9 @@ import re
 import statistics
 
 import torch
+from safetensors import SafetensorError
 
+from .cli import check_model_source, unreadable_weights
 from .diagnostics import SUPPORTED_MODEL_TYPES, attention_components, diagnose_model, max_positions, model_family
 
 
@@ -53,19 +55,19 @@ def read_texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
-
-
 def load_model_and_tokenizer(name: str, tokenizer_name: str | None = None):
-    """Load a supported model (eager attention, eval mode) and its tokenizer; clear ``ValueError`` otherwise."""
+    """Load a supported model (eager attention, eval mode) and its tokenizer.
+
+    Raises ``FileNotFoundError`` for a missing folder, ``OSError`` for unreadable weights and ``ValueError``
+    naming ``name`` for a config or tokenizer that cannot be read (see ``hf_gpam.cli`` for what counts as bad
+    input).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    if not os.path.isdir(name) and (_looks_like_path(name) or os.path.exists(name)):
-        raise ValueError(f"model folder {name!r} does not exist")
+    check_model_source(name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=True)
-    except Exception as error:  # transformers raises OSError / ValueError / KeyError depending on what is wrong
+    except (OSError, ValueError) as error:  # no config.json, not JSON, no model_type, unknown Hub id, offline
         raise ValueError(
             f"cannot load a model config from {name!r} ({type(error).__name__}: {error}). Pass a folder written by "
             "save_pretrained or a Hub id (Hub ids need network access; HF_HUB_OFFLINE=1 allows local folders only)."
@@ -76,10 +78,14 @@ def load_model_and_tokenizer(name: str, tokenizer_name: str | None = None):
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     auto_class = AutoModelForCausalLM if config.model_type in ("gpt2", "gpam_gpt2") else AutoModelForSeq2SeqLM
-    model = auto_class.from_pretrained(name, trust_remote_code=True, attn_implementation="eager").eval()
+    try:
+        model = auto_class.from_pretrained(name, trust_remote_code=True, attn_implementation="eager").eval()
+    except SafetensorError as error:
+        raise unreadable_weights(name, error) from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name)
-    except Exception as error:
+    # the same errors convert tolerates for a tokenizer: missing files, unreadable JSON, an unknown class
+    except (OSError, ValueError, TypeError) as error:
         raise ValueError(
             f"no tokenizer for {name!r} ({type(error).__name__}: {error}); save one in the model folder or pass "
             "--tokenizer"

@@ -111,3 +111,64 @@ def test_model_card_front_matter_and_lambda_table():
     assert "| eval_bleu | 12.5000 |" in card and "gpam_lambdas" not in card.split("## Results")[1]
     # untied: mean λ⁺ and mean λ⁻ shown separately, 6 attention modules in a 2+2-layer encoder-decoder
     assert card.count("| 0.3000 | 0.1000 |") == 6
+
+
+@pytest.fixture
+def stock_bart_dir(tmp_path):
+    folder = tmp_path / "stock_bart"
+    BartForConditionalGeneration(tiny_stock_config("bart")).save_pretrained(folder)
+    return folder
+
+
+def test_convert_never_writes_into_its_source_folder(stock_bart_dir, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in stock_bart_dir.iterdir()}
+    link = tmp_path / "link_to_source"
+    link.symlink_to(stock_bart_dir, target_is_directory=True)
+    # the same folder spelt four ways, with and without permission to overwrite
+    for output_dir in (stock_bart_dir, f"{stock_bart_dir}/", stock_bart_dir / ".." / "stock_bart", link):
+        for overwrite in ([], ["--overwrite_output_dir"]):
+            argv = ["convert", str(stock_bart_dir), "--output_dir", str(output_dir), *overwrite]
+            assert cli_main(argv) == 2
+            assert "is the folder of the checkpoint being converted" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is the folder of the checkpoint being converted"):
+        convert_checkpoint(str(link), str(stock_bart_dir), overwrite_output_dir=True)
+    assert {p.name: p.read_bytes() for p in stock_bart_dir.iterdir()} == before
+
+
+def test_convert_never_writes_into_the_hub_cache_snapshot_of_its_source(tmp_path, monkeypatch):
+    # a Hub id has no folder of its own, but its cached files sit in a snapshot folder of the Hub cache
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub_cache"
+    repo = cache / "models--org--tiny-bart"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    BartForConditionalGeneration(tiny_stock_config("bart")).save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(ValueError, match="is the folder of the checkpoint being converted"):
+        convert_checkpoint("org/tiny-bart", str(snapshot), overwrite_output_dir=True)
+
+
+def test_convert_refuses_a_non_empty_output_dir_unless_told(stock_bart_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    argv = ["convert", str(stock_bart_dir), "--output_dir", str(out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (1 entries: notes.txt)" in err and "--overwrite_output_dir" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="overwrite_output_dir=True"):
+        convert_checkpoint(str(stock_bart_dir), str(out))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        convert_checkpoint(str(stock_bart_dir), str(tmp_path / "a_file"), overwrite_output_dir=True)
+
+    assert cli_main([*argv, "--overwrite_output_dir"]) == 0
+    capsys.readouterr()
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert hub_ready_problems(out) == []
+    # an existing empty folder needs no flag
+    (tmp_path / "empty").mkdir()
+    assert convert_checkpoint(str(stock_bart_dir), str(tmp_path / "empty"))["model_class"].startswith("GpamBart")
