@@ -3,8 +3,10 @@
 Used by the training recipes and by ``hf-gpam convert``. Everything here duck-types GPAM models (a module is a
 daGPAM module when it has ``gpam_lambda``), so models loaded through ``trust_remote_code`` work too.
 
-The card template, shipped as package data, is ``hf_gpam/model_cards/gpam_model_card.md`` (``string.Template`` syntax,
-``${name}`` placeholders); pass ``template_path`` to use another one.
+The card templates live in ``model_cards/`` at the repository root and ship as package data in
+``hf_gpam/model_cards/`` (``string.Template`` syntax, ``${name}`` placeholders): ``gpam_model_card.md`` is the default,
+``LM_TEMPLATE_PATH`` and ``TRANSLATION_TEMPLATE_PATH`` are the cards of published checkpoints; pass ``template_path``
+to use one of them or your own.
 """
 
 from __future__ import annotations
@@ -19,7 +21,21 @@ from huggingface_hub import ModelCardData
 from torch import nn
 
 
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "gpam_model_card.md"
+def _model_cards_dir() -> Path:
+    # A wheel ships the templates inside the package (pyproject.toml maps model_cards/ to hf_gpam/model_cards/);
+    # a source checkout or an editable install has them only at the repository root, the canonical place.
+    package_dir = Path(__file__).resolve().parent
+    for folder in (package_dir / "model_cards", package_dir.parent / "model_cards"):
+        if (folder / "gpam_model_card.md").is_file():
+            return folder
+    return package_dir / "model_cards"
+
+
+# the generic card (render_model_card's default) and the cards of published checkpoints: pass one as template_path
+MODEL_CARDS_DIR = _model_cards_dir()
+DEFAULT_TEMPLATE_PATH = MODEL_CARDS_DIR / "gpam_model_card.md"
+LM_TEMPLATE_PATH = MODEL_CARDS_DIR / "gpam_causal_lm_card.md"
+TRANSLATION_TEMPLATE_PATH = MODEL_CARDS_DIR / "gpam_translation_card.md"
 MODEL_CARD_FILENAME = "README.md"
 GPAM_TAGS = ("gpam", "dagpam")
 
@@ -122,7 +138,8 @@ def render_model_card(
         summary: a paragraph under the title.
         tags: extra tags; ``gpam``, ``dagpam`` and the architecture are always added.
         limitations: an extra limitation specific to this model (e.g. "trained for 300 steps on ...").
-        template_path: a ``string.Template`` file; ``hf_gpam/model_cards/gpam_model_card.md`` by default.
+        template_path: a ``string.Template`` file; ``DEFAULT_TEMPLATE_PATH`` (``model_cards/gpam_model_card.md``) by
+            default, ``LM_TEMPLATE_PATH`` / ``TRANSLATION_TEMPLATE_PATH`` for published checkpoints.
 
     Example:
 
@@ -138,8 +155,8 @@ def render_model_card(
     template_path = Path(template_path or DEFAULT_TEMPLATE_PATH)
     if not template_path.is_file():
         raise FileNotFoundError(
-            f"render_model_card: template {template_path} not found. It ships with hf_gpam in "
-            "hf_gpam/model_cards/; pass template_path= to use your own."
+            f"render_model_card: template {template_path} not found. The templates ship with hf_gpam in "
+            f"hf_gpam/model_cards/ ({MODEL_CARDS_DIR} here); pass template_path= to use your own."
         )
     config = model.config
     model_type = getattr(config, "model_type", "unknown")

@@ -1,25 +1,24 @@
 """PNG figures for the diagnostics: per-layer curves of several models, signed attention maps, training curves.
 
 Everything renders with matplotlib's non-interactive ``Agg`` backend into files; nothing is shown on screen and
-no global matplotlib state is changed beyond selecting the backend when the module is imported.
+no global matplotlib state is changed beyond selecting the backend when the first figure is drawn.
+
+matplotlib is an optional dependency (``pip install "hf_gpam[diagnostics]"``). It is imported on first use, not
+with this module: ``hf-gpam`` imports every sub-command when it builds its parser, and ``hf-gpam convert`` must
+work where only torch and transformers are installed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-
-from .diagnostics import ATTENTION_METRICS, HIDDEN_METRICS, ModelDiagnostics  # noqa: E402
+from .diagnostics import ATTENTION_METRICS, HIDDEN_METRICS, ModelDiagnostics
 
 
 METRIC_LABELS = {
@@ -35,6 +34,30 @@ METRIC_LABELS = {
 }
 DEFAULT_METRICS = ("residual_fro", "residual_l1inf", "mean_cosine", "query_grad_norm", "entropy", "negative_mass")
 LOG_SCALE_METRICS = ("query_grad_norm", "key_grad_norm", "q_neg_grad_norm")
+
+
+@functools.cache
+def _pyplot():
+    """``matplotlib.pyplot`` on the ``Agg`` backend, imported on first use; a clear error when it is missing."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(
+            "hf_gpam.plotting draws its figures with matplotlib, which is not installed. Install it with "
+            '`pip install "hf_gpam[diagnostics]"` (or `pip install matplotlib`).'
+        ) from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def __getattr__(name: str):
+    # `from hf_gpam.plotting import plt` (benchmarks/paper_study.py) keeps working without importing matplotlib
+    # for everyone who imports this module
+    if name == "plt":
+        return _pyplot()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _as_runs(value) -> list[ModelDiagnostics]:
@@ -96,7 +119,7 @@ def plot_layer_curves(
         raise ValueError(f"plot_layer_curves: unknown metric(s) {unknown}; allowed: {', '.join(allowed)}")
     columns = min(3, len(metrics))
     rows = math.ceil(len(metrics) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
+    figure, axes = _pyplot().subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
     for axis, metric in zip(axes.flat, metrics):
         for index, (label, value) in enumerate(results.items()):
             curves = [run.curve(metric, stack, kind) for run in _as_runs(value)]
@@ -183,6 +206,9 @@ def plot_signed_attention(
     ]
     # symmetric limits: equal colour intensity means equal magnitude on both sides of 0
     limit = max(1e-6, max(float(np.abs(m).max()) for m in matrices))
+    plt = _pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit)
 
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.8, 4.0), squeeze=False)
@@ -250,7 +276,7 @@ def plot_training_curves(
     present = [m for m in metrics if any(m in entry for log in runs.values() for entry in log)]
     if not present:
         raise ValueError(f"plot_training_curves: none of the runs logged any of {list(metrics)}")
-    figure, axes = plt.subplots(1, len(present), figsize=(5.0 * len(present), 3.6), squeeze=False)
+    figure, axes = _pyplot().subplots(1, len(present), figsize=(5.0 * len(present), 3.6), squeeze=False)
     for axis, metric in zip(axes[0], present):
         for index, (label, log) in enumerate(runs.items()):
             points = [(e["step"], e[metric]) for e in log if metric in e and "step" in e]
@@ -271,5 +297,5 @@ def _save(figure, path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _pyplot().close(figure)
     return path
