@@ -140,9 +140,16 @@ def _key_value_groups(query: torch.Tensor, key: torch.Tensor) -> int:
     return heads // kv_heads
 
 
-def negative_query(module: torch.nn.Module, query: torch.Tensor) -> torch.Tensor:
-    """Q⁻ = ReLU(Q⁺) W⁻, (B, H, Tq, D), through the module call so that wrappers (PEFT's LoRA) take part."""
-    return module.gpam_q_neg(F.relu(query))
+def negative_query(module: torch.nn.Module, query: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+    """Q⁻ = ReLU(Q⁺) W⁻, (B, H, Tq, D), through the module call so that wrappers (PEFT's LoRA) take part.
+
+    With ``upcast`` (GPT-2's ``reorder_and_upcast_attn``) the projection runs outside autocast in the weight's
+    precision: Q⁻ feeds the negative map's scores, which that option computes in float32.
+    """
+    if not upcast:
+        return module.gpam_q_neg(F.relu(query))
+    with torch.autocast(query.device.type, enabled=False):
+        return module.gpam_q_neg(F.relu(query).to(module.gpam_q_neg.weight.dtype))
 
 
 _STOCK_EAGER_FUNCTIONS: dict[type, Callable] = {}
@@ -195,8 +202,9 @@ def gpam_eager_attention_forward(
         )
     applied = check_attention_keywords(kwargs, "eager")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    upcast = bool(getattr(module, "reorder_and_upcast_attn", False))
     # Q⁻ from Q⁺ before K and V are repeated; repeat_kv is what stock eager functions do for grouped-query heads
-    query_neg = negative_query(module, query)
+    query_neg = negative_query(module, query, upcast)
     groups = _key_value_groups(query, key)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     lambda_pos, lambda_neg = module.gpam_lambda()
@@ -204,7 +212,7 @@ def gpam_eager_attention_forward(
     output, p_gpam = eager_gpam_attention(
         query, key, value, query_neg, lambda_pos, lambda_neg,
         scaling=scaling, attention_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
-        upcast=bool(getattr(module, "reorder_and_upcast_attn", False)), softcap=applied.get("softcap"),
+        upcast=upcast, softcap=applied.get("softcap"),
     )
     # (B, H, Tq, D) -> (B, Tq, H, D), the layout attention functions return
     return output.transpose(1, 2).contiguous(), p_gpam
