@@ -416,16 +416,27 @@ def write_outputs(trainer, model, tokenizer, model_args, results: dict, card: di
     """
     output_dir = trainer.args.output_dir
     if getattr(trainer, "is_fsdp_enabled", False):
-        # FSDP shards the weights across ranks: every rank must take part in gathering them, which the Trainer's
-        # save_model does; the main process then reloads the full model to write the folder from it.
-        # (Not exercised by the test suite, which has no GPUs; FSDP is not active on CPU-only launches.)
-        model.config.use_cache = True
-        trainer.save_model(output_dir)
+        # FSDP shards the weights across ranks (FSDP2 DTensors, FSDP1 flat parameters), so every rank takes part in
+        # gathering the full state dict (onto rank 0's CPU; the call accelerate's get_state_dict makes for FSDP2,
+        # and it works whatever fsdp_state_dict_type the run was configured with). Rank 0 loads it into an
+        # unsharded copy of the model, full or PEFT-wrapped, and the folder is written from that copy below: the
+        # sharded model itself must not be touched by one rank alone. Run on a really sharded model (FSDP2 over
+        # gloo, 2 CPU ranks) by tests/test_distributed.py.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not trainer.is_world_process_zero():
             return
-        if not model_args.use_lora:
-            auto_class = AutoModelForSeq2SeqLM if model.config.is_encoder_decoder else AutoModelForCausalLM
-            model = auto_class.from_pretrained(output_dir)
+        base = model.get_base_model() if model_args.use_lora else model
+        auto_class = AutoModelForSeq2SeqLM if base.config.is_encoder_decoder else AutoModelForCausalLM
+        unsharded = auto_class.from_config(base.config, dtype=base.dtype)
+        if model_args.use_lora:
+            from peft import get_peft_model
+
+            unsharded = get_peft_model(unsharded, model.peft_config[model.active_adapter])
+        # strict: every gathered tensor has its place in the copy and every parameter of the copy is filled
+        unsharded.load_state_dict(full_state)
+        model = unsharded
     if not trainer.is_world_process_zero():
         return
     results = {**results, "gpam_lambdas": gpam_lambda_values(model)}
