@@ -54,6 +54,18 @@ class GpamLambda(nn.Module):
             return self.weight, self.weight
         return self.weight[0], self.weight[1]
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .bfloat16() follow the model's device but not its dtype: λ stays float32, so that
+        # small updates are not rounded away (from_pretrained(dtype=...) keeps it too: _keep_in_fp32_modules_strict).
+        # The float tensor is moved, never cast down and back up.
+        def keep_float32(tensor):
+            moved = fn(tensor)
+            if tensor.is_floating_point() and moved.dtype != tensor.dtype:
+                return tensor.to(device=moved.device)
+            return moved
+
+        return super()._apply(keep_float32, recurse)
+
     def extra_repr(self) -> str:
         return f"num_heads={self.weight.shape[-1]}, tied={self.tied}, trainable={self.trainable}"
 

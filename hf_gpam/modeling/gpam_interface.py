@@ -260,16 +260,20 @@ def gpam_sdpa_attention_forward(
 
 
 def register_gpam_attention() -> None:
-    """Register ``gpam_eager`` and ``gpam_sdpa`` (attention and mask functions); idempotent.
+    """Register ``gpam_eager`` and ``gpam_sdpa`` (attention and mask functions) unless they already are.
 
-    Done when this module is imported, by hf_gpam and by checkpoints' remote code alike. The mask functions are the
-    stock ones, so both daGPAM maps see exactly the mask (causal, padding, sliding window, packed sequences) that
-    stock attention would.
+    Done when this module is imported, by hf_gpam and by checkpoints' remote code alike. The first registration in a
+    process wins, so a checkpoint's copy of this file loaded next to an installed hf_gpam does not replace the
+    package's functions. The mask functions are the stock ones, so both daGPAM maps see exactly the mask (causal,
+    padding, sliding window, packed sequences) that stock attention would.
     """
-    AttentionInterface.register(GPAM_ATTN_IMPLEMENTATIONS["eager"], gpam_eager_attention_forward)
-    AttentionInterface.register(GPAM_ATTN_IMPLEMENTATIONS["sdpa"], gpam_sdpa_attention_forward)
-    AttentionMaskInterface.register(GPAM_ATTN_IMPLEMENTATIONS["eager"], eager_mask)
-    AttentionMaskInterface.register(GPAM_ATTN_IMPLEMENTATIONS["sdpa"], sdpa_mask)
+    functions = {"eager": gpam_eager_attention_forward, "sdpa": gpam_sdpa_attention_forward}
+    masks = {"eager": eager_mask, "sdpa": sdpa_mask}
+    for stock, name in GPAM_ATTN_IMPLEMENTATIONS.items():
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, functions[stock])
+        if name not in AttentionMaskInterface._global_mapping:
+            AttentionMaskInterface.register(name, masks[stock])
 
 
 register_gpam_attention()

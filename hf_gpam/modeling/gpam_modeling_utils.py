@@ -8,9 +8,20 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .gpam_attention import GpamAttentionMixin, convert_attention_module
 from .gpam_interface import gpam_attn_implementation
+
+
+def register_output_capture(model_class: type) -> None:
+    """Register ``model_class._can_record_outputs`` for ``output_attentions`` / ``output_hidden_states`` capture.
+
+    transformers fills this registry in ``PreTrainedModel.__init__``, keyed by ``str(class)``; an instance whose class
+    is swapped in place (``patch_model``, the sub-model guard below) never runs that ``__init__``. The key is written
+    directly because the registry's own ``__setitem__`` changed across releases (5.22: the key, 5.23+: the model).
+    """
+    dict.__setitem__(_CAN_RECORD_REGISTRY, str(model_class), model_class._can_record_outputs)
 
 
 class GpamModelMixin:
@@ -29,8 +40,9 @@ class GpamModelMixin:
     _supports_flex_attn = False
     # the attention modules route through ALL_ATTENTION_FUNCTIONS (padding-free / packed batches work)
     _supports_attention_backend = True
-    # λ is a handful of numbers per layer whose updates would be rounded away in half precision
-    _keep_in_fp32_modules = ["gpam_lambda"]
+    # λ is a handful of numbers per layer whose updates would be rounded away in half precision: float32 whatever
+    # dtype the model is loaded in (fp16 and bf16: the strict list), and through .to() / .half() (GpamLambda._apply)
+    _keep_in_fp32_modules_strict = ["gpam_lambda"]
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -77,7 +89,13 @@ class GpamModelMixin:
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         for name, value in vars(module).items():
             auto_class = getattr(value, "_auto_class", None)
-            if isinstance(value, type) and issubclass(value, GpamModelMixin) and auto_class is not None:
+            # one modeling file may define several families (modeling_gpam_decoders): only this config's classes
+            if (
+                isinstance(value, type)
+                and issubclass(value, GpamModelMixin)
+                and auto_class is not None
+                and value.config_class is type(self).config_class
+            ):
                 auto_map.setdefault(auto_class, f"{file_name}.{name}")
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
@@ -95,9 +113,41 @@ class GpamModelMixin:
         }
 
 
+class GpamSubModelMixin:
+    """The encoder or decoder of a GPAM encoder-decoder (``model.get_encoder()``), which holds daGPAM modules.
+
+    Saving one alone would write daGPAM weights that the stock class (``BartEncoder.from_pretrained``) drops as
+    unexpected keys, silently changing the outputs; ``save_pretrained`` refuses instead and says what to do.
+    """
+
+    def save_pretrained(self, *args, **kwargs):
+        raise ValueError(
+            f"{type(self).__name__} is the {self.__class__.__bases__[-1].__name__} of a daGPAM model: saved alone, "
+            "its gpam_q_neg / gpam_lambda weights would be dropped by the stock class that loads it, and the outputs "
+            "would change. Save the whole model instead (model.save_pretrained(...); it reloads anywhere with "
+            "AutoModel*.from_pretrained(..., trust_remote_code=True)), and take get_encoder() / get_decoder() of "
+            "the reloaded model."
+        )
+
+
 class GpamSeq2SeqModelMixin(GpamModelMixin):
     """The attention sites of BART-style encoder-decoders (BART, Marian): encoder self-attention, decoder
-    self-attention and decoder cross-attention of every layer."""
+    self-attention and decoder cross-attention of every layer.
+
+    Subclasses set ``gpam_submodel_classes`` (stock encoder / decoder class -> its ``GpamSubModelMixin`` subclass).
+    """
+
+    gpam_submodel_classes: dict[type, type] = {}
+
+    def convert_to_gpam(self) -> None:
+        super().convert_to_gpam()
+        # the encoder and decoder that hold daGPAM modules refuse to be saved alone (see GpamSubModelMixin)
+        body = self.base_model
+        for part in (body.encoder, body.decoder):
+            guarded = self.gpam_submodel_classes.get(type(part))
+            if guarded is not None and any(isinstance(m, GpamAttentionMixin) for m in part.modules()):
+                part.__class__ = guarded
+                register_output_capture(guarded)
 
     def gpam_attention_sites(self) -> Iterator[tuple[int, str, nn.Module]]:
         body = self.base_model

@@ -8,11 +8,17 @@ feed-forward blocks, KV cache and generation are untouched.
 from __future__ import annotations
 
 from transformers import GenerationMixin
-from transformers.models.bart.modeling_bart import BartAttention, BartForConditionalGeneration, BartModel
+from transformers.models.bart.modeling_bart import (
+    BartAttention,
+    BartDecoder,
+    BartEncoder,
+    BartForConditionalGeneration,
+    BartModel,
+)
 
 from .configuration_gpam_bart import GpamBartConfig
 from .gpam_attention import GpamAttentionMixin
-from .gpam_modeling_utils import GpamSeq2SeqModelMixin
+from .gpam_modeling_utils import GpamSeq2SeqModelMixin, GpamSubModelMixin
 
 
 class GpamBartAttention(GpamAttentionMixin, BartAttention):
@@ -20,8 +26,17 @@ class GpamBartAttention(GpamAttentionMixin, BartAttention):
     ``gpam_interface``), so projections and cache handling are stock."""
 
 
+class GpamBartEncoder(GpamSubModelMixin, BartEncoder):
+    """The encoder of a daGPAM Bart model; refuses to be saved alone (see ``GpamSubModelMixin``)."""
+
+
+class GpamBartDecoder(GpamSubModelMixin, BartDecoder):
+    """The decoder of a daGPAM Bart model; refuses to be saved alone (see ``GpamSubModelMixin``)."""
+
+
 class GpamBartModelMixin(GpamSeq2SeqModelMixin):
     gpam_attention_class = GpamBartAttention
+    gpam_submodel_classes = {BartEncoder: GpamBartEncoder, BartDecoder: GpamBartDecoder}
 
 
 class GpamBartModel(GpamBartModelMixin, BartModel):

@@ -8,11 +8,17 @@ feed-forward blocks, KV cache and generation are untouched.
 from __future__ import annotations
 
 from transformers import GenerationMixin
-from transformers.models.marian.modeling_marian import MarianAttention, MarianMTModel, MarianModel
+from transformers.models.marian.modeling_marian import (
+    MarianAttention,
+    MarianDecoder,
+    MarianEncoder,
+    MarianMTModel,
+    MarianModel,
+)
 
 from .configuration_gpam_marian import GpamMarianConfig
 from .gpam_attention import GpamAttentionMixin
-from .gpam_modeling_utils import GpamSeq2SeqModelMixin
+from .gpam_modeling_utils import GpamSeq2SeqModelMixin, GpamSubModelMixin
 
 
 class GpamMarianAttention(GpamAttentionMixin, MarianAttention):
@@ -20,8 +26,17 @@ class GpamMarianAttention(GpamAttentionMixin, MarianAttention):
     ``gpam_interface``), so projections and cache handling are stock."""
 
 
+class GpamMarianEncoder(GpamSubModelMixin, MarianEncoder):
+    """The encoder of a daGPAM Marian model; refuses to be saved alone (see ``GpamSubModelMixin``)."""
+
+
+class GpamMarianDecoder(GpamSubModelMixin, MarianDecoder):
+    """The decoder of a daGPAM Marian model; refuses to be saved alone (see ``GpamSubModelMixin``)."""
+
+
 class GpamMarianModelMixin(GpamSeq2SeqModelMixin):
     gpam_attention_class = GpamMarianAttention
+    gpam_submodel_classes = {MarianEncoder: GpamMarianEncoder, MarianDecoder: GpamMarianDecoder}
 
 
 class GpamMarianModel(GpamMarianModelMixin, MarianModel):

@@ -1,0 +1,103 @@
+"""Promises a careful reviewer checked (issue 10): λ stays float32 on every dtype route, generative heads list
+GenerationMixin, an encoder / decoder saved alone cannot silently drop daGPAM weights, and patch_model refuses
+weights it cannot place parameters next to."""
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, GenerationMixin
+from transformers.models.bart.modeling_bart import BartEncoder
+
+import hf_gpam
+
+from .utils import MODEL_TYPES, gpam_head_class, gpam_model, main_output, model_inputs, stock_model
+
+
+def lambda_dtypes(model):
+    return {m.gpam_lambda.weight.dtype for m in model.gpam_modules()}
+
+
+ROUTES = {
+    "to(bfloat16)": lambda m: m.to(torch.bfloat16),
+    "to(float16)": lambda m: m.to(torch.float16),
+    "half()": lambda m: m.half(),
+    "bfloat16()": lambda m: m.bfloat16(),
+    "to(dtype=, device=)": lambda m: m.to(dtype=torch.bfloat16, device="cpu"),
+}
+
+
+@pytest.mark.parametrize("trainable", [True, False], ids=["trainable", "fixed"])
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_lambda_stays_float32_through_module_casts(route, trainable):
+    model = gpam_model("gpt2", gpam_lambda_init=0.3, gpam_lambda_trainable=trainable)
+    model = ROUTES[route](model)
+    assert lambda_dtypes(model) == {torch.float32}
+    # the rest of the model was cast, W⁻ included
+    module = model.gpam_modules()[0]
+    assert module.gpam_q_neg.weight.dtype in (torch.bfloat16, torch.float16)
+    torch.testing.assert_close(module.gpam_lambda.weight, torch.full((4,), 0.3))
+    # λ is not rounded through half precision: a value half precision cannot hold survives
+    with torch.no_grad():
+        module.gpam_lambda.weight.fill_(0.3000001)
+    model.half()
+    assert module.gpam_lambda.weight[0].item() == torch.tensor(0.3000001).item()
+    with torch.no_grad():
+        assert torch.isfinite(main_output(model(**model_inputs("gpt2")))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_lambda_stays_float32_when_loaded_in_half_precision(tmp_path, model_type, dtype):
+    gpam_model(model_type, gpam_lambda_init=0.3000001).save_pretrained(tmp_path)
+    model = gpam_head_class(model_type).from_pretrained(tmp_path, dtype=dtype)
+    assert lambda_dtypes(model) == {torch.float32}
+    assert {m.gpam_q_neg.weight.dtype for m in model.gpam_modules()} == {dtype}
+    assert model.gpam_modules()[0].gpam_lambda.weight[0].item() == torch.tensor(0.3000001).item()
+
+
+def test_generative_heads_list_generation_mixin_among_their_own_bases():
+    for architecture in hf_gpam.ARCHITECTURES.values():
+        for stock_class, gpam_class in architecture.model_classes.items():
+            if issubclass(stock_class, GenerationMixin):
+                assert GenerationMixin in gpam_class.__bases__, gpam_class
+
+
+@pytest.mark.parametrize("model_type", ["bart", "marian"])
+def test_encoder_or_decoder_saved_alone_refuses_instead_of_dropping_gpam_weights(tmp_path, model_type):
+    for model in (gpam_model(model_type), hf_gpam.patch_model(stock_model(model_type))):
+        for part in (model.get_encoder(), model.get_decoder()):
+            with pytest.raises(ValueError, match="Save the whole model"):
+                part.save_pretrained(tmp_path / "part")
+            assert not (tmp_path / "part").exists()
+        # the encoder of a softmax-mode model has no daGPAM weights to lose: it saves as usual
+    softmax = gpam_model(model_type, gpam_mode="softmax")
+    softmax.get_encoder().save_pretrained(tmp_path / "softmax_encoder")
+    # what the message recommends works: the whole model reloads, and its encoder is the daGPAM one
+    model = gpam_model(model_type, gpam_lambda_init=0.4)
+    model.save_pretrained(tmp_path / "whole")
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "whole")
+    assert any(hasattr(m, "gpam_lambda") for m in reloaded.get_encoder().modules())
+
+
+def test_encoder_guard_keeps_output_capture():
+    model = hf_gpam.patch_model(stock_model("bart", attn_implementation="eager"))
+    assert type(model.get_encoder()) is not BartEncoder and isinstance(model.get_encoder(), BartEncoder)
+    with torch.no_grad():
+        outputs = model(**model_inputs("bart"), output_attentions=True, output_hidden_states=True)
+    assert len(outputs.encoder_attentions) == 2 and len(outputs.encoder_hidden_states) == 3
+
+
+def test_patch_refuses_quantized_attention_weights():
+    model = stock_model("gpt2")
+    attention = model.transformer.h[0].attn
+    attention.c_attn.weight = torch.nn.Parameter(torch.zeros(32, 96, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="quantized.*c_attn.weight.*torch.int8"):
+        hf_gpam.patch_model(model)
+    assert type(model).__name__ == "GPT2LMHeadModel" and not hasattr(attention, "gpam_q_neg")
+
+
+def test_patch_refuses_weights_on_the_meta_device():
+    with torch.device("meta"):
+        model = stock_model("gpt2")
+    with pytest.raises(ValueError, match="meta device"):
+        hf_gpam.patch_model(model)
+    assert type(model).__name__ == "GPT2LMHeadModel"
