@@ -11,9 +11,15 @@ from scratch with a plain PyTorch loop (AdamW, warmup + cosine decay, fixed numb
                      dagpam_trainable as closely as possible: both counts are printed and reported)
 
 for several seeds, on two corpora: the standard library's docstrings (``hf_gpam.data.stdlib_docstring_corpus``)
-and the German side of the WMT en-de sample (/work/shared/data/wmt_en_de_sample). Per run it records validation
+and the German side of the WMT en-de sample (``wmt_en_de_sample/`` in --data_dir). Per run it records validation
 perplexity and the per-layer diagnostics (``hf_gpam.diagnostics``) at initialisation and after training; the
 report step writes a markdown table (mean ± std over seeds) and figures.
+
+The optimiser is AdamW with hf_gpam's weight-decay rule (``hf_gpam.training.gpam_optimizer_groups``), the one
+the training recipes use: biases, LayerNorms and λ are never decayed, W⁻ only with --gpam_weight_decay.
+
+--data_dir (default: $GPAM_DATA_DIR, else ``../shared/data`` beside the repository) holds ``wmt_en_de_sample/``
+with ``train.jsonl`` and ``validation.jsonl``; the stdlib dataset needs no files.
 
 Usage (each dataset can run in its own process; results are appended per run, so a killed job resumes):
 
@@ -43,12 +49,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hf_gpam import GpamGPT2Config, GpamGPT2LMHeadModel  # noqa: E402
 from hf_gpam.data import stdlib_docstring_corpus, train_byte_level_bpe  # noqa: E402
 from hf_gpam.diagnostics import attention_components, diagnose_model  # noqa: E402
+from hf_gpam.training import gpam_optimizer_groups  # noqa: E402
 
 
 VARIANTS = ("softmax", "dagpam_fixed", "dagpam_trainable", "softmax_matched")
 DATASETS = ("stdlib", "wmt_de", "wmt_en")
-WMT_DIR = "/work/shared/data/wmt_en_de_sample"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the project's shared data folder sits next to the repository checkout unless GPAM_DATA_DIR says otherwise
+DEFAULT_DATA_DIR = os.environ.get("GPAM_DATA_DIR") or os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
+WMT_SAMPLE = "wmt_en_de_sample"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,12 +75,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup_steps", type=int, default=30)
     parser.add_argument("--weight_decay", type=float, default=0.01)
+    parser.add_argument(
+        "--gpam_weight_decay", action="store_true",
+        help="also decay W⁻ (gpam_q_neg); off by default, as in the recipes (see hf_gpam.training)",
+    )
     parser.add_argument("--lambda_init", type=float, default=0.5)
     parser.add_argument("--stdlib_chars", type=int, default=1_200_000, help="size of the stdlib corpus used")
     parser.add_argument("--val_blocks", type=int, default=48, help="validation blocks of seq_len tokens")
     parser.add_argument("--diag_blocks", type=int, default=8, help="validation blocks used for diagnostics")
     parser.add_argument("--log_every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--data_dir", default=DEFAULT_DATA_DIR,
+        help=f"folder holding {WMT_SAMPLE}/ (default: $GPAM_DATA_DIR, else ../shared/data beside the repository)",
+    )
     parser.add_argument("--output_dir", default=os.path.join(REPO_ROOT, "docs"))
     parser.add_argument("--report_only", action="store_true", help="only (re)write the report from saved results")
     return parser.parse_args(argv)
@@ -82,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_texts(dataset: str, stdlib_chars: int) -> tuple[list[str], list[str]]:
+def load_texts(dataset: str, stdlib_chars: int, data_dir: str) -> tuple[list[str], list[str]]:
     """(train, validation) texts of one dataset."""
     if dataset == "stdlib":
         paragraphs = stdlib_docstring_corpus(max_chars=stdlib_chars)
@@ -92,9 +109,14 @@ def load_texts(dataset: str, stdlib_chars: int) -> tuple[list[str], list[str]]:
             [p for i, p in enumerate(paragraphs) if i % 10 == 9],
         )
     side = dataset.split("_")[1]
+    folder = os.path.join(data_dir, WMT_SAMPLE)
+    if not os.path.isdir(folder):
+        raise SystemExit(
+            f"dataset {dataset!r} needs {folder} (train.jsonl, validation.jsonl): pass --data_dir or set GPAM_DATA_DIR"
+        )
 
     def read(split):
-        with open(os.path.join(WMT_DIR, f"{split}.jsonl"), encoding="utf-8") as handle:
+        with open(os.path.join(folder, f"{split}.jsonl"), encoding="utf-8") as handle:
             return [json.loads(line)["translation"][side] for line in handle if line.strip()]
 
     return read("train"), read("validation")
@@ -111,7 +133,7 @@ def to_blocks(tokenizer, texts: list[str], block: int) -> torch.Tensor:
 
 
 def prepare_data(args, dataset: str, cache_dir: str):
-    train_texts, val_texts = load_texts(dataset, args.stdlib_chars)
+    train_texts, val_texts = load_texts(dataset, args.stdlib_chars, args.data_dir)
     tokenizer = train_byte_level_bpe(
         train_texts, vocab_size=args.vocab_size, model_type="gpt2", save_directory=os.path.join(cache_dir, dataset)
     )
@@ -193,10 +215,8 @@ def learning_rate(step: int, args) -> float:
 
 
 def make_optimizer(model, args) -> torch.optim.Optimizer:
-    # the usual split: matrices decay, vectors (biases, LayerNorm, λ) do not
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # the recipes' rule: biases, LayerNorms and λ never decay, W⁻ only with --gpam_weight_decay
+    groups = gpam_optimizer_groups(model, args.weight_decay, gpam_weight_decay=args.gpam_weight_decay)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
@@ -270,12 +290,26 @@ def run_dataset(args, dataset: str) -> None:
     path = results_path(args.output_dir, dataset)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     results = load_results(path)
+    # the data folder is a machine path, not a setting of the study
+    excluded = ("datasets", "report_only", "output_dir", "data_dir")
+    settings = {k: v for k, v in vars(args).items() if k not in excluded}
+    if results["runs"]:
+        # resuming adds runs to the saved ones: they must come from the same recipe (seeds, variants and threads
+        # may differ); results saved before --gpam_weight_decay existed decayed W⁻
+        previous = {"gpam_weight_decay": True, **results["settings"]}
+        free = ("seeds", "variants", "threads", "log_every")
+        changed = sorted(k for k in settings if k not in free and previous.get(k) != settings[k])
+        if changed:
+            raise SystemExit(
+                f"{path} holds runs made with other settings ({', '.join(f'{k}={previous.get(k)!r}' for k in changed)}"
+                "): rerun with those settings, or choose another --output_dir"
+            )
     cache_dir = tempfile.mkdtemp(prefix="paper_study_tokenizers_")
     started = time.time()
     data = prepare_data(args, dataset, cache_dir)
     n_inner, matched_count, target = matched_n_inner(args, len(data[0]))
     results["data"] = data[3]
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("datasets", "report_only", "output_dir")}
+    results["settings"] = settings
     results["matching"] = {"n_inner": n_inner, "softmax_matched_parameters": matched_count,
                            "dagpam_trainable_parameters": target}
     print(f"[{dataset}] data: {data[3]} ({time.time() - started:.0f}s)", flush=True)
@@ -407,6 +441,8 @@ def write_report(args) -> str:
             f"--steps {settings['steps']} --batch_size {settings['batch_size']} --seq_len {settings['seq_len']} "
             f"--n_layer {settings['n_layer']} --n_embd {settings['n_embd']} --n_head {settings['n_head']} "
             f"--lr {settings['lr']} --lambda_init {settings['lambda_init']} --threads {settings['threads']}"
+            # results written before the option existed decayed W⁻ (every 2-D parameter decayed then)
+            + (" --gpam_weight_decay" if settings.get("gpam_weight_decay", True) else "")
         )
         by_variant = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
         by_variant = {v: rs for v, rs in by_variant.items() if rs}
