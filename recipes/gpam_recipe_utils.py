@@ -1,5 +1,7 @@
-"""What the two daGPAM training recipes share: argument dataclasses, model / tokenizer loading from the three
-sources (stock checkpoint, GPAM checkpoint, from scratch), LoRA, checkpoint checks and the Hub-ready output.
+"""What the two daGPAM training recipes share: argument dataclasses, the start of ``main()`` (arguments, demo
+defaults, logging, seed, checkpoint), model / tokenizer loading from the three sources (stock checkpoint, GPAM
+checkpoint, from scratch), LoRA, checkpoint checks, the Trainer's weight-decay rule for λ and W⁻, data-file checks
+and the Hub-ready output.
 
 The recipes import this module from their own folder (``python recipes/run_clm_gpam.py`` puts ``recipes/`` on
 ``sys.path``); it uses only the public ``hf_gpam`` API.
@@ -15,12 +17,24 @@ import sys
 from dataclasses import dataclass, field, fields
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Seq2SeqTrainer,
+    Trainer,
+    set_seed,
+)
+from transformers.pytorch_utils import Conv1D
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_gpam
 from hf_gpam.data import train_byte_level_bpe, train_marian_sentencepiece
 from hf_gpam.hub import gpam_lambda_values, render_model_card, save_hub_ready
+from hf_gpam.training import gpam_decay_parameter_names
 
 
 logger = logging.getLogger(__name__)
@@ -89,7 +103,7 @@ class GpamArguments:
 
 @dataclass
 class ModelArguments:
-    """Where the model and tokenizer come from, and LoRA."""
+    """Where the model and tokenizer come from, LoRA, and how the daGPAM parameters are decayed."""
 
     model_name_or_path: str | None = field(
         default=None,
@@ -129,6 +143,13 @@ class ModelArguments:
     merge_lora: bool = field(
         default=False,
         metadata={"help": "With --use_lora: merge the adapters and save a full model (adapter kept in adapter/)."},
+    )
+    gpam_weight_decay: bool = field(
+        default=False,
+        metadata={
+            "help": "Apply --weight_decay to W⁻ (gpam_q_neg) too. Off by default: decay pulls W⁻ from −I toward 0, "
+            "where the negative map is uniform. λ (gpam_lambda) is never decayed. See hf_gpam.training."
+        },
     )
 
     def __post_init__(self):
@@ -178,20 +199,64 @@ def parse_arguments(dataclass_types, argv, base_defaults: dict, demo_defaults: d
     return parsed
 
 
+def is_demo(model_args, gpam_args, data_args, training_args) -> bool:
+    """No model and no data were chosen: the recipe runs its embedded offline demo (and applies its defaults)."""
+    no_model = model_args.model_name_or_path is None and model_args.model_type is None
+    return no_model and data_args.dataset_name is None and data_args.train_file is None
+
+
 def setup_logging(training_args) -> None:
+    """Log to stdout at the Trainer's level for this process (``--log_level`` / ``--log_level_replica``).
+
+    The recipe's own few lines (data source, model size and memory, LoRA targets, skipped rows) are shown at INFO
+    on the main process unless ``--log_level`` was set: the user should see them before training starts, while
+    transformers and datasets keep their quieter default.
+    """
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     level = training_args.get_process_log_level()
-    logger.setLevel(level)
-    logging.getLogger("__main__").setLevel(level)
+    recipe_level = level
+    if training_args.should_log and training_args.log_level == "passive":
+        recipe_level = min(level, logging.INFO)
+    # this module, the recipe run as a script, and the recipe imported as a module (tests)
+    for name in (__name__, "__main__", "run_clm_gpam", "run_translation_gpam"):
+        logging.getLogger(name).setLevel(recipe_level)
     import datasets
     import transformers
 
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
+
+
+def start_run(data_arguments_class, training_arguments_class, argv, *, output_dir: str, demo_defaults: dict,
+              supported: tuple[str, ...], task: str):
+    """The start of every recipe's ``main()``.
+
+    Parses the arguments (CLI flags or one JSON file; ``demo_defaults`` when no model and no data are given), sets
+    up logging, lets each rank of a multi-process run say it is there, seeds, refuses an unsupported
+    ``--model_type`` before any data is loaded or tokenizer trained, and finds the checkpoint to resume from.
+
+    Returns:
+        ``(model_args, gpam_args, data_args, training_args, checkpoint)``; ``checkpoint`` is None for a fresh run.
+    """
+    model_args, gpam_args, data_args, training_args = parse_arguments(
+        (ModelArguments, GpamArguments, data_arguments_class, training_arguments_class),
+        argv,
+        base_defaults={"output_dir": output_dir},
+        demo_defaults=demo_defaults,
+        is_demo=is_demo,
+    )
+    setup_logging(training_args)
+    if training_args.world_size > 1:
+        # every rank says it is there (replica loggers are quiet by default)
+        print(f"world size {training_args.world_size}, process {training_args.process_index}", flush=True)
+    set_seed(training_args.seed)
+    if model_args.model_type is not None:
+        check_supported(model_args.model_type, supported, task)
+    return model_args, gpam_args, data_args, training_args, resolve_checkpoint(training_args)
 
 
 def check_supported(model_type: str, supported: tuple[str, ...], task: str) -> None:
@@ -228,12 +293,51 @@ def resolve_checkpoint(training_args) -> str | None:
     return value
 
 
-def check_checkpoint_matches(checkpoint: str, model) -> None:
-    """Raise a ``ValueError`` when ``checkpoint`` holds weights of another model than ``model`` (other
-    architecture, sizes or daGPAM layout) instead of letting the Trainer fail half-way with a shape error."""
+def _is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _saved_weight_shapes(checkpoint: str) -> tuple[str, dict[str, tuple]] | None:
+    """``(description, {name: shape})`` of the weights in a checkpoint folder, read from the safetensors headers
+    only (no tensor is loaded); None when the folder holds no safetensors weights.
+
+    Looks for, in order: a LoRA adapter (``adapter_model.safetensors``), a sharded model
+    (``model.safetensors.index.json`` and every shard its weight map names) and a single ``model.safetensors``.
+    """
     from safetensors import safe_open
 
-    weights = os.path.join(checkpoint, "model.safetensors")
+    def shapes_of(files: list[str]) -> dict[str, tuple]:
+        shapes = {}
+        for path in files:
+            if not os.path.isfile(path):
+                raise ValueError(f"checkpoint {checkpoint!r} is incomplete: {os.path.basename(path)} is missing")
+            with safe_open(path, framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        return shapes
+
+    adapter = os.path.join(checkpoint, "adapter_model.safetensors")
+    if os.path.isfile(adapter):
+        return "LoRA adapter", shapes_of([adapter])
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+        return "sharded model", shapes_of([os.path.join(checkpoint, f) for f in sorted(set(weight_map.values()))])
+    single = os.path.join(checkpoint, "model.safetensors")
+    if os.path.isfile(single):
+        return "model", shapes_of([single])
+    return None
+
+
+def check_checkpoint_matches(checkpoint: str, model) -> None:
+    """Raise a ``ValueError`` when ``checkpoint`` holds weights of another model than ``model`` (other
+    architecture, sizes, daGPAM layout, LoRA rank or targets) instead of letting the Trainer fail half-way with a
+    shape error, or load a partial match.
+
+    Full models are compared on every tensor the checkpoint holds (single or sharded safetensors); a
+    ``peft.PeftModel`` is compared on the adapter state PEFT saves (``get_peft_model_state_dict``), both ways.
+    """
     config_path = os.path.join(checkpoint, "config.json")
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as handle:
@@ -244,24 +348,62 @@ def check_checkpoint_matches(checkpoint: str, model) -> None:
                 f"{model.config.model_type!r} model; use the same --model_type / --model_name_or_path as the run that "
                 "wrote it"
             )
-    if not os.path.isfile(weights):
+    found = _saved_weight_shapes(checkpoint)
+    if found is None:
         return
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    mismatched = []
-    with safe_open(weights, framework="pt") as handle:
-        for name in handle.keys():
-            shape = tuple(handle.get_slice(name).get_shape())
-            if expected.get(name) != shape:
-                mismatched.append(f"{name}: checkpoint {shape}, model {expected.get(name, 'missing')}")
+    kind, saved_shapes = found
+    is_lora = _is_peft_model(model)
+    if is_lora != (kind == "LoRA adapter"):
+        advice = ("drop --use_lora to resume it" if is_lora
+                  else "add --use_lora and the LoRA arguments of the run that wrote it")
+        raise ValueError(
+            f"checkpoint {checkpoint!r} holds a {kind} but this run trains "
+            f"{'LoRA adapters' if is_lora else 'the full model'}; {advice}"
+        )
+    if is_lora:
+        from peft import get_peft_model_state_dict
+
+        expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model).items()}
+    else:
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    mismatched = [
+        f"{name}: checkpoint {shape}, model {expected.get(name, 'missing')}"
+        for name, shape in saved_shapes.items()
+        if expected.get(name) != shape
+    ]
+    if is_lora:
+        # PEFT saves exactly this state, so an adapter the checkpoint lacks is a different LoRA layout as well
+        mismatched += [f"{name}: checkpoint missing, model {shape}" for name, shape in expected.items()
+                       if name not in saved_shapes]
     if mismatched:
         shown = "; ".join(mismatched[:5]) + (f"; ... ({len(mismatched)} in all)" if len(mismatched) > 5 else "")
         raise ValueError(
-            f"checkpoint {checkpoint!r} does not match the model of this run ({shown}). Resume with the same "
-            "model and GPAM arguments as the run that wrote it."
+            f"checkpoint {checkpoint!r} ({kind}) does not match the model of this run ({shown}). Resume with the "
+            "same model, GPAM and LoRA arguments as the run that wrote it."
         )
 
 
+def _holds_no_rows(path: str, extension: str) -> bool:
+    """True when a data file is empty or blank: no non-blank line (txt, jsonl, json), no row under the CSV header,
+    or an empty JSON array. Reads two non-blank lines at most, so a large file costs nothing."""
+    head = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                head.append(line.strip())
+                if len(head) == 2:
+                    break
+    if extension == "csv":
+        return len(head) < 2
+    if not head:
+        return True
+    text = "".join(head)
+    return extension == "json" and text.startswith("[") and text[1:].lstrip().startswith("]")
+
+
 def check_data_file(path: str | None, flag: str, extensions: tuple[str, ...]) -> str | None:
+    """``path`` when it is an existing, non-empty data file with one of ``extensions``; a ``ValueError`` naming
+    the file and the flag otherwise."""
     if path is None:
         return None
     if not os.path.isfile(path):
@@ -269,6 +411,9 @@ def check_data_file(path: str | None, flag: str, extensions: tuple[str, ...]) ->
     extension = path.rsplit(".", 1)[-1].lower()
     if extension not in extensions:
         raise ValueError(f"{flag}: {path!r} has extension {extension!r}; supported: {', '.join(extensions)}")
+    if _holds_no_rows(path, extension):
+        what = "no data row under its CSV header" if extension == "csv" else "nothing but blank lines"
+        raise ValueError(f"{flag}: data file {path!r} is empty ({what}); give a file with at least one example")
     return path
 
 
@@ -374,14 +519,33 @@ def apply_lora(model, model_args, task_type: str):
     from peft import LoraConfig, get_peft_model
 
     architecture = model.config.model_type.removeprefix("gpam_")
-    targets = model_args.lora_target_modules or DEFAULT_LORA_TARGETS[architecture]
-    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    # a softmax-mode model has no gpam_q_neg; PEFT refuses targets that match nothing
-    targets = [t for t in targets if t in module_names or "." in t]
-    if not targets:
-        raise ValueError(f"--lora_target_modules: none of {model_args.lora_target_modules} is a module of the model")
+    module_names = [name for name, _ in model.named_modules() if name]
+
+    def found(target: str) -> bool:
+        # PEFT's rule for a list of targets: the full module name, or its suffix after a dot
+        return any(name == target or name.endswith("." + target) for name in module_names)
+
+    if model_args.lora_target_modules:
+        missing = [t for t in model_args.lora_target_modules if not found(t)]
+        if missing:
+            candidates = sorted(
+                {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+            )
+            raise ValueError(
+                f"--lora_target_modules: {', '.join(map(repr, missing))} "
+                f"{'matches' if len(missing) == 1 else 'match'} no module of this {model.config.model_type} model; "
+                f"candidates (its Linear / Conv1D layers): {', '.join(candidates)}"
+            )
+        targets = list(model_args.lora_target_modules)
+    else:
+        defaults = DEFAULT_LORA_TARGETS[architecture]
+        targets = [t for t in defaults if found(t)]
+        # e.g. gpam_q_neg on a softmax-mode model; the user did not ask for these, so they are only reported
+        skipped = [t for t in defaults if t not in targets]
+        if skipped:
+            logger.info("LoRA: default targets %s are not modules of this model; skipped", skipped)
     has_trainable_lambda = any(
-        isinstance(getattr(module, "gpam_lambda", None), torch.nn.Module)
+        isinstance(getattr(module, "gpam_lambda", None), nn.Module)
         and any(p.requires_grad for p in module.gpam_lambda.parameters())
         for module in model.modules()
     )
@@ -400,6 +564,72 @@ def apply_lora(model, model_args, task_type: str):
     logger.info("LoRA on %s (+ modules_to_save %s): %d of %d parameters trainable", targets,
                 lora_config.modules_to_save, trainable, total)
     return model
+
+
+def training_footprint(model) -> dict:
+    """Parameter counts and a lower bound on training memory: weights, gradients and AdamW's two moment buffers
+    (each the size of its parameter), in GiB. Activations, which grow with batch size and sequence length, come on
+    top. Works on a model built on the ``meta`` device."""
+    total = trainable = 0
+    weights = states = 0
+    for p in model.parameters():
+        size = p.numel() * p.element_size()
+        total += p.numel()
+        weights += size
+        if p.requires_grad:
+            trainable += p.numel()
+            # gradient + exp_avg + exp_avg_sq
+            states += 3 * size
+    return {"parameters": total, "trainable_parameters": trainable, "gib": (weights + states) / 2**30}
+
+
+def log_training_footprint(model) -> dict:
+    """Log ``training_footprint`` before training starts, so that a model far larger than intended (e.g.
+    ``--model_type marian`` without ``--config_overrides``: the ~400M-parameter default Marian) shows up before
+    the first slow step."""
+    footprint = training_footprint(model)
+    logger.info(
+        "model: %s parameters (%s trainable); weights + gradients + AdamW state ≈ %.2f GiB, activations not "
+        "included", f"{footprint['parameters']:,}", f"{footprint['trainable_parameters']:,}", footprint["gib"],
+    )
+    return footprint
+
+
+def prepare_model(model_args, gpam_args, auto_class, tokenizer, checkpoint: str | None, *,
+                  supported: tuple[str, ...], task: str, lora_task_type: str):
+    """The model a recipe trains: loaded or built (``load_model``), wrapped with LoRA under ``--use_lora``,
+    checked against the checkpoint it resumes from, and its size and memory logged.
+
+    Returns:
+        ``(model, base_model_name)``; ``base_model_name`` is None from scratch.
+    """
+    model, base_model = load_model(model_args, gpam_args, auto_class, tokenizer, supported=supported, task=task)
+    if model_args.use_lora:
+        model = apply_lora(model, model_args, task_type=lora_task_type)
+    if checkpoint is not None:
+        check_checkpoint_matches(checkpoint, model)
+    log_training_footprint(model)
+    return model, base_model
+
+
+class GpamDecayMixin:
+    """Trainer mixin: weight decay follows ``hf_gpam.training.gpam_decay_parameter_names`` (λ never decays, W⁻
+    only with ``gpam_weight_decay=True``) instead of decaying them like any weight matrix."""
+
+    def __init__(self, *args, gpam_weight_decay: bool = False, **kwargs):
+        self.gpam_weight_decay = gpam_weight_decay
+        super().__init__(*args, **kwargs)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return gpam_decay_parameter_names(model, gpam_weight_decay=self.gpam_weight_decay)
+
+
+class GpamTrainer(GpamDecayMixin, Trainer):
+    """``Trainer`` with daGPAM's weight-decay rule (``--gpam_weight_decay``)."""
+
+
+class GpamSeq2SeqTrainer(GpamDecayMixin, Seq2SeqTrainer):
+    """``Seq2SeqTrainer`` with daGPAM's weight-decay rule (``--gpam_weight_decay``)."""
 
 
 def recipe_command(script: str, argv) -> str:

@@ -23,23 +23,17 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import datasets
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator
 
 # the recipes folder is on sys.path when this file runs as a script; tests add it themselves
 from gpam_recipe_utils import (
-    GpamArguments,
-    ModelArguments,
-    apply_lora,
-    check_checkpoint_matches,
-    check_supported,
+    GpamTrainer,
     check_data_file,
-    load_model,
     load_or_train_tokenizer,
-    parse_arguments,
+    prepare_model,
     push_folder,
     recipe_command,
-    resolve_checkpoint,
-    setup_logging,
+    start_run,
     write_outputs,
 )
 from hf_gpam.data import stdlib_docstring_corpus
@@ -107,11 +101,6 @@ class DataTrainingArguments:
             raise ValueError("--validation_file needs --train_file")
 
 
-def is_demo(model_args, gpam_args, data_args, training_args) -> bool:
-    no_model = model_args.model_name_or_path is None and model_args.model_type is None
-    return no_model and data_args.dataset_name is None and data_args.train_file is None
-
-
 def load_raw_datasets(data_args, model_args, training_args) -> datasets.DatasetDict:
     """``train`` and ``validation`` splits of raw text, from the Hub, local files or the embedded corpus."""
     if data_args.dataset_name is not None:
@@ -140,7 +129,23 @@ def load_raw_datasets(data_args, model_args, training_args) -> datasets.DatasetD
         raise ValueError(
             f"--text_column {column!r} is not a column of the training data (columns: {raw['train'].column_names})"
         )
+    if data_args.train_file is not None:
+        files = {"train": ("--train_file", data_args.train_file),
+                 "validation": ("--validation_file", data_args.validation_file)}
+        for split, (flag, path) in files.items():
+            if path is not None and not _has_text(raw[split], column):
+                raise ValueError(
+                    f"{flag}: every {column!r} value in {path!r} is empty or blank; give a file with some text"
+                )
     return raw
+
+
+def _has_text(split: datasets.Dataset, column: str) -> bool:
+    # in batches: stops at the first non-blank text, and never holds a large column in memory at once
+    for batch in split.iter(batch_size=10_000):
+        if any(isinstance(text, str) and text.strip() for text in batch[column]):
+            return True
+    return False
 
 
 def tokenize_and_group(raw, tokenizer, data_args, training_args, block_size: int):
@@ -181,22 +186,10 @@ def tokenize_and_group(raw, tokenizer, data_args, training_args, block_size: int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, gpam_args, data_args, training_args = parse_arguments(
-        (ModelArguments, GpamArguments, DataTrainingArguments, TrainingArguments),
-        argv,
-        base_defaults={"output_dir": DEFAULT_OUTPUT_DIR},
-        demo_defaults=DEMO_DEFAULTS,
-        is_demo=is_demo,
+    model_args, gpam_args, data_args, training_args, checkpoint = start_run(
+        DataTrainingArguments, TrainingArguments, argv, output_dir=DEFAULT_OUTPUT_DIR, demo_defaults=DEMO_DEFAULTS,
+        supported=("gpt2",), task="run_clm_gpam",
     )
-    setup_logging(training_args)
-    if training_args.world_size > 1:
-        # every rank says it is there (replica loggers are quiet by default)
-        print(f"world size {training_args.world_size}, process {training_args.process_index}", flush=True)
-    set_seed(training_args.seed)
-    if model_args.model_type is not None:
-        # before any data is loaded or tokenizer trained
-        check_supported(model_args.model_type, ("gpt2",), "run_clm_gpam")
-    checkpoint = resolve_checkpoint(training_args)
 
     raw = load_raw_datasets(data_args, model_args, training_args)
     tokenizer = load_or_train_tokenizer(
@@ -204,8 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model, base_model = load_model(
-        model_args, gpam_args, AutoModelForCausalLM, tokenizer, supported=("gpt2",), task="run_clm_gpam"
+    model, base_model = prepare_model(
+        model_args, gpam_args, AutoModelForCausalLM, tokenizer, checkpoint, supported=("gpt2",), task="run_clm_gpam",
+        lora_task_type="CAUSAL_LM",
     )
     max_positions = model.config.n_positions
     block_size = min(data_args.block_size or 1024, max_positions)
@@ -215,14 +209,11 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset = train_dataset.select(range(min(data_args.max_train_samples, len(train_dataset))))
     if data_args.max_eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
-    if model_args.use_lora:
-        model = apply_lora(model, model_args, task_type="CAUSAL_LM")
-    if checkpoint is not None and not model_args.use_lora:
-        check_checkpoint_matches(checkpoint, model)
 
-    trainer = Trainer(
+    trainer = GpamTrainer(
         model=model,
         args=training_args,
+        gpam_weight_decay=model_args.gpam_weight_decay,
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset if training_args.do_eval else None,
         processing_class=tokenizer,

@@ -17,6 +17,7 @@ few minutes on a laptop CPU, and writes a Hub-ready folder to outputs/translatio
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -25,29 +26,17 @@ from dataclasses import dataclass, field
 import datasets
 import evaluate
 import numpy as np
-from transformers import (
-    AutoModelForSeq2SeqLM,
-    DataCollatorForSeq2Seq,
-    Seq2SeqTrainer,
-    Seq2SeqTrainingArguments,
-    set_seed,
-)
+from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqTrainingArguments
 
 # the recipes folder is on sys.path when this file runs as a script; tests add it themselves
 from gpam_recipe_utils import (
-    GpamArguments,
-    ModelArguments,
-    apply_lora,
-    check_checkpoint_matches,
-    check_supported,
+    GpamSeq2SeqTrainer,
     check_data_file,
-    load_model,
     load_or_train_tokenizer,
-    parse_arguments,
+    prepare_model,
     push_folder,
     recipe_command,
-    resolve_checkpoint,
-    setup_logging,
+    start_run,
     write_outputs,
 )
 from hf_gpam.data import number_translation_pairs
@@ -121,6 +110,13 @@ class DataTrainingArguments:
     eval_before_training: bool = field(
         default=True, metadata={"help": "Also measure the eval loss before training (no generation)."}
     )
+    skip_invalid_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave out rows that lack a non-empty source or target text (counted in a warning and in "
+            "all_results.json) instead of stopping with their line numbers."
+        },
+    )
 
     def __post_init__(self):
         if self.dataset_name is not None and self.train_file is not None:
@@ -129,13 +125,14 @@ class DataTrainingArguments:
             raise ValueError(f"--source_lang and --target_lang are both {self.source_lang!r}")
 
 
-def is_demo(model_args, gpam_args, data_args, training_args) -> bool:
-    no_model = model_args.model_name_or_path is None and model_args.model_type is None
-    return no_model and data_args.dataset_name is None and data_args.train_file is None
+def load_raw_datasets(data_args, model_args, training_args) -> tuple[datasets.DatasetDict, dict[str, int]]:
+    """Splits of ``{"translation": {lang: text}}`` examples from the Hub, local files or the embedded task, every
+    row checked (``check_translation_rows``).
 
-
-def load_raw_datasets(data_args, model_args, training_args) -> datasets.DatasetDict:
-    """Splits of ``{"translation": {lang: text}}`` examples from the Hub, local files or the embedded task."""
+    Returns:
+        ``(raw, skipped)``: the splits, and the number of invalid rows skipped per split (``--skip_invalid_rows``).
+    """
+    sources = {}
     if data_args.dataset_name is not None:
         raw = datasets.load_dataset(
             data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir
@@ -146,6 +143,7 @@ def load_raw_datasets(data_args, model_args, training_args) -> datasets.DatasetD
             if path is not None:
                 data_files[split] = check_data_file(path, f"--{split}_file", DATA_EXTENSIONS)
         raw = datasets.load_dataset("json", data_files=data_files, cache_dir=model_args.cache_dir)
+        sources = data_files
     else:
         if (data_args.source_lang, data_args.target_lang) != ("en", "de"):
             raise ValueError(
@@ -161,60 +159,144 @@ def load_raw_datasets(data_args, model_args, training_args) -> datasets.DatasetD
                 ),
             }
         )
+    skipped = {}
+    # before the validation split is carved out of the training rows, so that row i is still line i's example
+    for name in list(raw):
+        raw[name], count = check_translation_rows(raw[name], name, sources.get(name), data_args)
+        if count:
+            skipped[name] = count
     if "validation" not in raw:
         split = raw["train"].train_test_split(
             test_size=data_args.validation_split_percentage / 100, seed=training_args.seed
         )
         raw = datasets.DatasetDict({**raw, "train": split["train"], "validation": split["test"]})
-    for name, split in raw.items():
-        if "translation" not in split.column_names:
+    return raw, skipped
+
+
+def _row_problem(translation, languages: tuple[str, str]) -> str | None:
+    """What is wrong with one example's ``translation`` value, or None when it has a text in both languages."""
+    if not isinstance(translation, dict):
+        return "no translation dict"
+    for lang in languages:
+        text = translation.get(lang)
+        if text is None:
+            return f"no {lang!r} text"
+        if not isinstance(text, str):
+            return f"{lang!r} is a {type(text).__name__}, not a text"
+        if not text.strip():
+            return f"empty {lang!r} text"
+    return None
+
+
+def json_row_lines(path: str, rows: list[int]) -> dict[int, int]:
+    """The 1-based line in ``path`` where each of ``rows`` (indices in datasets' row order) starts.
+
+    JSON Lines: datasets skips blank lines, so row i is the i-th non-blank line. A JSON array: row i is its i-th
+    element, located with the decoder's own positions.
+    """
+    wanted, lines = set(rows), {}
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        decoder = json.JSONDecoder()
+        position = len(text) - len(stripped) + 1
+        line, counted_to, row = 1, 0, 0
+        while row <= max(wanted, default=-1):
+            while position < len(text) and text[position] in " \t\r\n,":
+                position += 1
+            if position >= len(text) or text[position] == "]":
+                break
+            line += text.count("\n", counted_to, position)
+            counted_to = position
+            if row in wanted:
+                lines[row] = line
+            _, position = decoder.raw_decode(text, position)
+            row += 1
+        return lines
+    row = 0
+    for number, content in enumerate(text.splitlines(), start=1):
+        if content.strip():
+            if row in wanted:
+                lines[row] = number
+            row += 1
+    return lines
+
+
+def check_translation_rows(split: datasets.Dataset, name: str, path: str | None, data_args):
+    """Check that every row of ``split`` has a non-empty text in both languages.
+
+    A language that no row has is a wrong ``--source_lang`` / ``--target_lang``. Rows missing a language, or with
+    an empty or blank text, are reported with their line in ``path`` (their row number for Hub data), or, with
+    ``--skip_invalid_rows``, dropped and counted in a warning.
+
+    Returns:
+        ``(split, skipped)``: the split (without the invalid rows when they are skipped) and how many were skipped.
+    """
+    where = f"{path!r}" if path else f"the {name} data"
+    if "translation" not in split.column_names:
+        raise ValueError(
+            f"{where} has no 'translation' column (columns: {split.column_names}); each example must "
+            'look like {"translation": {"en": "...", "de": "..."}}'
+        )
+    languages = (data_args.source_lang, data_args.target_lang)
+    seen_languages, invalid = set(), []
+    start = 0
+    # in batches, so that a large corpus is never materialised as one Python list
+    for batch in split.iter(batch_size=10_000):
+        for offset, translation in enumerate(batch["translation"]):
+            if isinstance(translation, dict):
+                seen_languages.update(lang for lang, text in translation.items() if text is not None)
+            problem = _row_problem(translation, languages)
+            if problem is not None:
+                invalid.append((start + offset, problem))
+        start += len(batch["translation"])
+    for flag, lang in zip(("--source_lang", "--target_lang"), languages):
+        if lang not in seen_languages:
             raise ValueError(
-                f"the {name} data has no 'translation' column (columns: {split.column_names}); each example must "
-                'look like {"translation": {"en": "...", "de": "..."}}'
+                f"{flag} {lang!r} is not a language of the {name} data "
+                f"(languages: {', '.join(sorted(seen_languages))})"
             )
-        keys = set(split[0]["translation"]) if len(split) else set()
-        for flag, lang in (("--source_lang", data_args.source_lang), ("--target_lang", data_args.target_lang)):
-            if lang not in keys:
-                raise ValueError(
-                    f"{flag} {lang!r} is not a language of the {name} data (languages: {', '.join(sorted(keys))})"
-                )
-    return raw
+    if not invalid:
+        return split, 0
+    shown = invalid[:5]
+    if path is not None:
+        lines = json_row_lines(path, [row for row, _ in shown])
+        described = [f"line {lines.get(row, '?')}: {problem}" for row, problem in shown]
+    else:
+        described = [f"row {row + 1}: {problem}" for row, problem in shown]
+    summary = "; ".join(described) + (f"; ... ({len(invalid)} in all)" if len(invalid) > len(shown) else "")
+    if not data_args.skip_invalid_rows:
+        raise ValueError(
+            f"{where}: {len(invalid)} of {len(split)} rows lack a non-empty {languages[0]!r} or {languages[1]!r} "
+            f"text ({summary}). Fix them, or pass --skip_invalid_rows to leave them out (the count is logged)."
+        )
+    if len(invalid) == len(split):
+        raise ValueError(f"{where}: none of its {len(split)} rows has a non-empty {languages[0]!r} and "
+                         f"{languages[1]!r} text ({summary})")
+    logger.warning("--skip_invalid_rows: skipped %d of %d rows of %s (%s)", len(invalid), len(split), where, summary)
+    bad = {row for row, _ in invalid}
+    return split.select([row for row in range(len(split)) if row not in bad]), len(invalid)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, gpam_args, data_args, training_args = parse_arguments(
-        (ModelArguments, GpamArguments, DataTrainingArguments, Seq2SeqTrainingArguments),
-        argv,
-        base_defaults={"output_dir": DEFAULT_OUTPUT_DIR},
-        demo_defaults=DEMO_DEFAULTS,
-        is_demo=is_demo,
+    model_args, gpam_args, data_args, training_args, checkpoint = start_run(
+        DataTrainingArguments, Seq2SeqTrainingArguments, argv, output_dir=DEFAULT_OUTPUT_DIR,
+        demo_defaults=DEMO_DEFAULTS, supported=("bart", "marian"), task="run_translation_gpam",
     )
-    setup_logging(training_args)
-    if training_args.world_size > 1:
-        # every rank says it is there (replica loggers are quiet by default)
-        print(f"world size {training_args.world_size}, process {training_args.process_index}", flush=True)
-    set_seed(training_args.seed)
-    if model_args.model_type is not None:
-        # before any data is loaded or tokenizer trained
-        check_supported(model_args.model_type, ("bart", "marian"), "run_translation_gpam")
-    checkpoint = resolve_checkpoint(training_args)
     src, tgt = data_args.source_lang, data_args.target_lang
 
-    raw = load_raw_datasets(data_args, model_args, training_args)
+    raw, skipped_rows = load_raw_datasets(data_args, model_args, training_args)
     tokenizer = load_or_train_tokenizer(
         model_args,
         training_args,
         lambda: [ex[src] for ex in raw["train"]["translation"]] + [ex[tgt] for ex in raw["train"]["translation"]],
         checkpoint,
     )
-    model, base_model = load_model(
-        model_args, gpam_args, AutoModelForSeq2SeqLM, tokenizer, supported=("bart", "marian"),
-        task="run_translation_gpam",
+    model, base_model = prepare_model(
+        model_args, gpam_args, AutoModelForSeq2SeqLM, tokenizer, checkpoint, supported=("bart", "marian"),
+        task="run_translation_gpam", lora_task_type="SEQ_2_SEQ_LM",
     )
-    if model_args.use_lora:
-        model = apply_lora(model, model_args, task_type="SEQ_2_SEQ_LM")
-    if checkpoint is not None and not model_args.use_lora:
-        check_checkpoint_matches(checkpoint, model)
 
     def preprocess(batch):
         sources = [data_args.source_prefix + ex[src] for ex in batch["translation"]]
@@ -250,9 +332,10 @@ def main(argv: list[str] | None = None) -> dict:
         lengths = [np.count_nonzero(row != tokenizer.pad_token_id) for row in prediction.predictions]
         return {"bleu": scores["bleu"], "chrf": scores["chrf"], "gen_len": float(np.mean(lengths))}
 
-    trainer = Seq2SeqTrainer(
+    trainer = GpamSeq2SeqTrainer(
         model=model,
         args=training_args,
+        gpam_weight_decay=model_args.gpam_weight_decay,
         train_dataset=processed["train"] if training_args.do_train else None,
         eval_dataset=processed["validation"] if training_args.do_eval else None,
         processing_class=tokenizer,
@@ -270,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
         "num_beams": generation["num_beams"],
         "gpam_mode": getattr(trainer.model.config, "gpam_mode", "softmax"),
     }
+    if skipped_rows:
+        results["skipped_invalid_rows"] = skipped_rows
     if training_args.do_eval and data_args.eval_before_training and checkpoint is None:
         # loss only: generating with an untrained model is slow and tells nothing
         trainer.compute_metrics = None

@@ -3,18 +3,32 @@ are read back from ``all_results.json`` and from the saved folder reloaded with 
 
 import json
 import math
+import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartForConditionalGeneration, GPT2LMHeadModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BartForConditionalGeneration,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+)
 
-from hf_gpam.data import number_translation_pairs, stdlib_docstring_corpus, train_byte_level_bpe
+from hf_gpam.data import (
+    number_translation_pairs,
+    stdlib_docstring_corpus,
+    train_byte_level_bpe,
+    train_marian_sentencepiece,
+)
 from hf_gpam.hub import hub_ready_problems
-from hf_gpam.testing_utils import tiny_stock_config
+from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE, tiny_gpam_config, tiny_stock_config
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -292,7 +306,7 @@ def test_parse_defaults_apply_only_to_the_embedded_run():
          run_clm_gpam.TrainingArguments),
         ["--model_name_or_path", "gpt2", "--dataset_name", "wikitext"],
         base_defaults={"output_dir": "outputs/x"}, demo_defaults=run_clm_gpam.DEMO_DEFAULTS,
-        is_demo=run_clm_gpam.is_demo,
+        is_demo=gpam_recipe_utils.is_demo,
     )
     model_args, gpam_args, data_args, training_args = parsed
     assert training_args.output_dir == "outputs/x" and training_args.max_steps == -1
@@ -308,3 +322,300 @@ def test_gpam_arguments_mirror_the_config_fields():
     from hf_gpam.modeling.gpam_config_fields import GpamConfigFields
 
     assert [f.name for f in fields(gpam_recipe_utils.GpamArguments)] == [f.name for f in fields(GpamConfigFields)]
+
+
+@pytest.mark.parametrize("gpam_weight_decay", [False, True], ids=["w_neg_no_decay", "w_neg_decay"])
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_recipe_trainer_optimizer_groups(tmp_path, gpam_weight_decay, use_lora):
+    """λ never decays; W⁻ decays only with --gpam_weight_decay; the stock rule (biases, LayerNorms) still holds."""
+    import hf_gpam
+    from transformers import TrainingArguments
+
+    model = hf_gpam.ARCHITECTURES["gpt2"].auto_classes[AutoModelForCausalLM](tiny_gpam_config("gpt2"))
+    flags = ["--output_dir", str(tmp_path), "--weight_decay", "0.1", "--report_to", "none"]
+    flags += (["--gpam_weight_decay"] if gpam_weight_decay else []) + (["--use_lora"] if use_lora else [])
+    parser = HfArgumentParser((gpam_recipe_utils.ModelArguments, TrainingArguments))
+    model_args, training_args = parser.parse_args_into_dataclasses(args=flags)
+    assert model_args.gpam_weight_decay is gpam_weight_decay
+    if use_lora:
+        model = gpam_recipe_utils.apply_lora(model, model_args, task_type="CAUSAL_LM")
+    trainer = gpam_recipe_utils.GpamTrainer(
+        model=model, args=training_args, gpam_weight_decay=model_args.gpam_weight_decay
+    )
+    decayed, not_decayed = trainer.create_optimizer().param_groups
+    assert (decayed["weight_decay"], not_decayed["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decayed["params"]}
+    not_decayed = {names[id(p)] for p in not_decayed["params"]}
+    assert decayed | not_decayed == {name for name, p in model.named_parameters() if p.requires_grad}
+    lambdas = {n for n in decayed | not_decayed if ".gpam_lambda." in n}
+    w_neg = {n for n in decayed | not_decayed if ".gpam_q_neg." in n}
+    assert len(lambdas) == 2 and len(w_neg) == (4 if use_lora else 2)
+    assert lambdas <= not_decayed
+    assert w_neg <= (decayed if gpam_weight_decay else not_decayed)
+    projection = ".c_attn.lora_A." if use_lora else ".c_attn.weight"
+    assert any(projection in n for n in decayed)
+    assert not any(n.endswith(".bias") or ".ln_" in n for n in decayed)
+
+
+def test_lora_refuses_target_modules_it_cannot_find():
+    import hf_gpam
+
+    model_class = hf_gpam.ARCHITECTURES["gpt2"].auto_classes[AutoModelForCausalLM]
+    model = model_class(tiny_gpam_config("gpt2"))
+    model_args = gpam_recipe_utils.ModelArguments(use_lora=True, lora_target_modules=["c_attn", "q_proj", "qkv"])
+    refused = (
+        "--lora_target_modules: 'q_proj', 'qkv' match no module of this gpam_gpt2 model; candidates \\(its Linear "
+        "/ Conv1D layers\\): c_attn, c_fc, c_proj, gpam_q_neg, lm_head"
+    )
+    with pytest.raises(ValueError, match=refused):
+        gpam_recipe_utils.apply_lora(model, model_args, task_type="CAUSAL_LM")
+
+    # a softmax-mode model has no W⁻: asked for, it is refused; as a default target, it is skipped
+    softmax = model_class(tiny_gpam_config("gpt2", gpam_mode="softmax"))
+    asked = gpam_recipe_utils.ModelArguments(use_lora=True, lora_target_modules=["c_attn", "gpam_q_neg"])
+    with pytest.raises(ValueError, match="'gpam_q_neg' matches no module"):
+        gpam_recipe_utils.apply_lora(softmax, asked, task_type="CAUSAL_LM")
+    wrapped = gpam_recipe_utils.apply_lora(
+        softmax, gpam_recipe_utils.ModelArguments(use_lora=True), task_type="CAUSAL_LM"
+    )
+    assert set(wrapped.peft_config["default"].target_modules) == {"c_attn", "c_proj", "c_fc"}
+
+    # full dotted names and suffixes are module names too (PEFT matches them as suffixes)
+    model = model_class(tiny_gpam_config("gpt2"))
+    dotted = gpam_recipe_utils.ModelArguments(use_lora=True, lora_target_modules=["attn.c_proj", "h.1.mlp.c_fc"])
+    wrapped = gpam_recipe_utils.apply_lora(model, dotted, task_type="CAUSAL_LM")
+    lora = {n for n, _ in wrapped.named_parameters() if "lora_A" in n}
+    assert len(lora) == 3 and not any(".mlp.c_proj." in n for n in lora)
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("empty.txt", ""), ("blank.txt", "\n   \n\t\n"), ("blank.jsonl", "\n\n"), ("header_only.csv", "text\n\n"),
+        ("empty_array.json", "[\n  ]\n"),
+    ],
+    ids=lambda value: value.split(".")[0] if "." in value else None,
+)
+@pytest.mark.parametrize("flag", ["--train_file", "--validation_file"])
+def test_empty_data_file_is_named(tmp_path, text_files, name, content, flag):
+    path = tmp_path / name
+    path.write_text(content)
+    extension = name.rsplit(".", 1)[1]
+    good = tmp_path / f"good.{extension}"
+    good.write_text({"txt": "some text\n", "jsonl": '{"text": "some text"}\n', "csv": "text\nsome text\n",
+                     "json": '[{"text": "some text"}]'}[extension])
+    files = {"--train_file": good, "--validation_file": good, flag: path}
+    argv = [*clm_args(text_files, tmp_path / "out", "--max_steps", "1"), "--train_file", str(files["--train_file"]),
+            "--validation_file", str(files["--validation_file"])]
+    with pytest.raises(ValueError, match=f"{flag}: data file '{path}' is empty"):
+        run_clm_gpam.main(argv)
+
+
+def test_all_blank_text_column_and_empty_translation_file_are_named(tmp_path, text_files, translation_files):
+    good, blank = tmp_path / "good.jsonl", tmp_path / "blank_texts.jsonl"
+    good.write_text('{"text": "some text"}\n')
+    blank.write_text('{"text": ""}\n{"text": "   "}\n')
+    with pytest.raises(ValueError, match=f"--validation_file: every 'text' value in '{blank}' is empty or blank"):
+        run_clm_gpam.main([*clm_args(text_files, tmp_path / "out", "--max_steps", "1"),
+                           "--train_file", str(good), "--validation_file", str(blank)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=f"--validation_file: data file '{empty}' is empty"):
+        run_translation_gpam.main([
+            "--model_type", "marian", "--train_file", str(translation_files / "train.jsonl"),
+            "--validation_file", str(empty), "--output_dir", str(tmp_path / "mt"), "--do_train",
+        ])
+
+
+INVALID_ROWS = [
+    {"translation": {"en": "One apple.", "de": "Ein Apfel."}},
+    None,  # a blank line: not a row, but it counts in the file's line numbers
+    {"translation": {"en": "Two apples."}},
+    {"translation": {"en": "Three apples.", "de": "Drei Äpfel."}},
+    {"translation": {"en": "  ", "de": "Vier Äpfel."}},
+    {"translation": {"en": "Five apples.", "de": "Fünf Äpfel."}},
+]
+
+
+def write_rows(path, rows, as_array: bool):
+    if as_array:
+        # one element per line, so that line numbers match the JSON Lines layout
+        lines = ["["] + [("" if row is None else json.dumps(row, ensure_ascii=False) + ",") for row in rows]
+        lines[-1] = lines[-1].rstrip(",")
+        path.write_text("\n".join(lines + ["]"]) + "\n")
+    else:
+        path.write_text("\n".join("" if row is None else json.dumps(row, ensure_ascii=False) for row in rows) + "\n")
+
+
+@pytest.mark.parametrize("as_array", [False, True], ids=["jsonl", "json_array"])
+def test_translation_rows_are_all_checked_with_line_numbers(tmp_path, as_array, caplog):
+    from types import SimpleNamespace
+
+    path = tmp_path / ("train.json" if as_array else "train.jsonl")
+    write_rows(path, INVALID_ROWS, as_array)
+    offset = 1 if as_array else 0  # the array's "[" line
+    data_args = run_translation_gpam.DataTrainingArguments(train_file=str(path), validation_file=str(path))
+    model_args, training_args = SimpleNamespace(cache_dir=str(tmp_path / "cache")), SimpleNamespace(seed=0)
+    expected = (
+        f"'{path}': 2 of 5 rows lack a non-empty 'en' or 'de' text \\(line {3 + offset}: no 'de' text; "
+        f"line {5 + offset}: empty 'en' text\\). Fix them, or pass --skip_invalid_rows"
+    )
+    with pytest.raises(ValueError, match=expected):
+        run_translation_gpam.load_raw_datasets(data_args, model_args, training_args)
+
+    data_args.skip_invalid_rows = True
+    with caplog.at_level("WARNING"):
+        raw, skipped = run_translation_gpam.load_raw_datasets(data_args, model_args, training_args)
+    assert skipped == {"train": 2, "validation": 2}
+    assert [row["translation"]["en"] for row in raw["train"]] == ["One apple.", "Three apples.", "Five apples."]
+    assert f"--skip_invalid_rows: skipped 2 of 5 rows of '{path}'" in caplog.text
+
+
+def test_skipped_rows_and_model_size_are_reported(tmp_path, translation_files, caplog):
+    """The count of skipped rows lands in all_results.json, and the model size and memory are logged (at the
+    recipe's default log level) before any training step. No step is needed to see either."""
+    train = tmp_path / "train.jsonl"
+    train.write_text((translation_files / "train.jsonl").read_text() + json.dumps({"translation": {"en": "x"}}) + "\n")
+    argv = ["--model_type", "marian", "--config_overrides", TINY_SEQ2SEQ, "--tokenizer_vocab_size", "200",
+            "--train_file", str(train), "--validation_file", str(translation_files / "validation.jsonl"),
+            "--output_dir", str(tmp_path / "out"), *FAST]
+    with pytest.raises(ValueError, match="line 301: no 'de' text"):
+        run_translation_gpam.main(argv)
+    run_translation_gpam.main([*argv, "--skip_invalid_rows"])
+    results = read_results(tmp_path / "out")
+    assert results["skipped_invalid_rows"] == {"train": 1} and results["train_pairs"] == 300
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    count = sum(p.numel() for p in model.parameters())
+    size_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model: ")]
+    assert len(size_lines) == 1, "the refused run stops before the model is built"
+    # Marian's sinusoidal position embeddings are frozen during training
+    logged = re.match(r"model: ([\d,]+) parameters \(([\d,]+) trainable\); weights \+ gradients \+ AdamW state "
+                      r"≈ 0\.00 GiB", size_lines[0])
+    assert logged and int(logged[1].replace(",", "")) == count and int(logged[2].replace(",", "")) < count
+
+
+def test_sharded_checkpoint_is_checked(tmp_path):
+    import hf_gpam
+
+    model_class = hf_gpam.ARCHITECTURES["gpt2"].auto_classes[AutoModelForCausalLM]
+    model_class(tiny_gpam_config("gpt2", n_embd=64)).save_pretrained(tmp_path / "wide", max_shard_size="40KB")
+    assert (tmp_path / "wide" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "wide" / "model.safetensors").exists()
+    narrow = model_class(tiny_gpam_config("gpt2"))
+    # c_attn of layer 1 lives in a later shard than the first one: every shard is read
+    with pytest.raises(ValueError, match="\\(sharded model\\) does not match .*h.1.attn.c_attn.weight: checkpoint "
+                                         "\\(64, 192\\), model \\(32, 96\\)"):
+        gpam_recipe_utils.check_checkpoint_matches(str(tmp_path / "wide"), narrow)
+    gpam_recipe_utils.check_checkpoint_matches(str(tmp_path / "wide"), model_class(tiny_gpam_config("gpt2", n_embd=64)))
+
+
+def test_lora_checkpoint_is_checked(tmp_path):
+    import hf_gpam
+
+    model_class = hf_gpam.ARCHITECTURES["gpt2"].auto_classes[AutoModelForCausalLM]
+
+    def lora_model(**lora):
+        args = gpam_recipe_utils.ModelArguments(use_lora=True, **lora)
+        return gpam_recipe_utils.apply_lora(model_class(tiny_gpam_config("gpt2")), args, task_type="CAUSAL_LM")
+
+    lora_model(lora_r=4).save_pretrained(tmp_path / "r4")
+    gpam_recipe_utils.check_checkpoint_matches(str(tmp_path / "r4"), lora_model(lora_r=4))
+    with pytest.raises(ValueError, match="\\(LoRA adapter\\) does not match .*c_attn.lora_A.weight: checkpoint "
+                                         "\\(4, 32\\), model \\(8, 32\\)"):
+        gpam_recipe_utils.check_checkpoint_matches(str(tmp_path / "r4"), lora_model(lora_r=8))
+    # other targets: the adapters on W⁻ that this run would train are not in the checkpoint
+    lora_model(lora_r=4, lora_target_modules=["c_attn"]).save_pretrained(tmp_path / "c_attn_only")
+    with pytest.raises(ValueError, match="gpam_q_neg.lora_A.weight: checkpoint missing"):
+        gpam_recipe_utils.check_checkpoint_matches(str(tmp_path / "c_attn_only"), lora_model(lora_r=4))
+    with pytest.raises(ValueError, match="holds a LoRA adapter but this run trains the full model; add --use_lora"):
+        gpam_recipe_utils.check_checkpoint_matches(str(tmp_path / "r4"), model_class(tiny_gpam_config("gpt2")))
+    model_class(tiny_gpam_config("gpt2")).save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match="holds a model but this run trains LoRA adapters; drop --use_lora"):
+        gpam_recipe_utils.check_checkpoint_matches(str(tmp_path / "full"), lora_model(lora_r=4))
+
+
+def test_training_footprint_of_the_default_marian():
+    """--model_type marian without --config_overrides is the ~400M-parameter Marian: the log says so up front."""
+    import hf_gpam
+
+    # what scratch_config starts from: the stock Marian defaults
+    config = hf_gpam.ARCHITECTURES["marian"].config_class()
+    with torch.device("meta"):
+        model = hf_gpam.ARCHITECTURES["marian"].auto_classes[AutoModelForSeq2SeqLM](config)
+    footprint = gpam_recipe_utils.training_footprint(model)
+    assert footprint["parameters"] > 3e8
+    # fp32: 4 bytes of weights per parameter, 12 more (gradient + AdamW moments) per trainable one
+    expected = 4 * footprint["parameters"] + 12 * footprint["trainable_parameters"]
+    assert footprint["gib"] == pytest.approx(expected / 2**30) and footprint["gib"] > 5
+
+
+# runs in a fresh interpreter, with hf_gpam hidden (the prelude) unless the test imports it instead
+TOKENIZER_LOAD_SCRIPT = """
+import transformers
+
+for folder, how in zip(sys.argv[1::2], sys.argv[2::2]):
+    print(f"=== {folder} {how}", flush=True)
+    kwargs = {"trust_remote_code": True} if how == "trust_remote_code" else {}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    print(f"\\nloaded {type(tokenizer).__name__}", flush=True)
+"""
+
+
+def load_tokenizers_in_subprocess(tmp_path, calls, hide_hf_gpam: bool) -> dict:
+    """{(folder, how): what the call printed}, from one fresh interpreter whose stdin is closed: a prompt cannot
+    wait for an answer, and the timeout catches one that would."""
+    prelude = HIDE_HF_GPAM_PRELUDE if hide_hf_gpam else "import sys\nimport hf_gpam\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + TOKENIZER_LOAD_SCRIPT, *[str(x) for call in calls for x in call]],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    sections = result.stdout.split("=== ")[1:]
+    return {tuple(section.split("\n", 1)[0].rsplit(" ", 1)): section for section in sections}
+
+
+def save_output_folder(tmp_path, model_type: str):
+    """A Hub-ready folder as the recipes write it: a tiny GPAM model and a tokenizer trained here."""
+    import hf_gpam
+    from hf_gpam.hub import save_hub_ready
+
+    pairs = [p["translation"] for p in number_translation_pairs(200)]
+    texts = [p["en"] for p in pairs] + [p["de"] for p in pairs]
+    if model_type == "gpt2":
+        tokenizer = train_byte_level_bpe(texts, vocab_size=300, save_directory=str(tmp_path / "tokenizer"))
+    else:
+        tokenizer = train_marian_sentencepiece(texts, vocab_size=200, save_directory=str(tmp_path / "tokenizer"))
+    auto_class = AutoModelForCausalLM if model_type == "gpt2" else AutoModelForSeq2SeqLM
+    model_class = hf_gpam.ARCHITECTURES[model_type].auto_classes[auto_class]
+    save_hub_ready(model_class(tiny_gpam_config(model_type, vocab_size=len(tokenizer))), tmp_path / model_type,
+                   tokenizer=tokenizer)
+    return tmp_path / model_type
+
+
+CUSTOM_CODE_PROMPT = "Do you wish to run the custom code?"
+
+
+def test_tokenizer_of_an_output_folder_loads_as_documented(tmp_path):
+    """A recipe's output folder holds a stock tokenizer next to a GPAM config. AutoTokenizer reads the config
+    first (AutoConfig, before tokenizer_config.json), so without hf_gpam it needs trust_remote_code=True, exactly
+    like the model; the README and the model card say so. A bare call asks "Do you wish to run the custom code?"
+    (and, unanswered, falls back to the tokenizer): this test pins that, so the docs change if it stops."""
+    folder = save_output_folder(tmp_path, "gpt2")
+    loads = load_tokenizers_in_subprocess(tmp_path, [(folder, "trust_remote_code"), (folder, "bare")],
+                                          hide_hf_gpam=True)
+    documented = loads[(str(folder), "trust_remote_code")]
+    assert "loaded GPT2Tokenizer" in documented and CUSTOM_CODE_PROMPT not in documented
+    assert CUSTOM_CODE_PROMPT in loads[(str(folder), "bare")]
+
+
+@pytest.mark.slow
+def test_tokenizer_of_a_marian_output_folder_and_with_hf_gpam_imported(tmp_path):
+    """The same for a SentencePiece (Marian) folder, and the other documented way: with hf_gpam imported the GPAM
+    config class is registered, so a bare AutoTokenizer call needs no remote code and asks nothing."""
+    folder = save_output_folder(tmp_path, "marian")
+    without = load_tokenizers_in_subprocess(tmp_path, [(folder, "trust_remote_code")], hide_hf_gpam=True)
+    with_hf_gpam = load_tokenizers_in_subprocess(tmp_path, [(folder, "bare")], hide_hf_gpam=False)
+    for loaded in (without[(str(folder), "trust_remote_code")], with_hf_gpam[(str(folder), "bare")]):
+        assert "loaded MarianTokenizer" in loaded and CUSTOM_CODE_PROMPT not in loaded
