@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gpam_eager_autograd import EagerGpamFunction, fast_path_applies
+from .gpam_eager_autograd import EagerGpamFunction, fast_path_refusal
 
 
 def negative_query(query: torch.Tensor, q_neg_weight: torch.Tensor) -> torch.Tensor:
@@ -109,26 +109,60 @@ def eager_gpam_attention(
     dropout_p: float = 0.0,
     upcast: bool = False,
     softcap: float | None = None,
+    fast_path: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """daGPAM with the maps materialised.
+
+    Two implementations compute the same numbers: the in-place autograd function of ``gpam_eager_autograd`` (CPU
+    float32/float64, a fraction of the T×T buffers) and a composition of ordinary torch ops (everything else: GPU,
+    half precision, autocast, ``torch.compile``, ``torch.func`` transforms, soft-capping). Either way the returned
+    P_G is the autograd node the output hangs from, so hooks and ``retain_grad()`` on it see ∂L/∂P_G.
 
     Args:
         query: Q⁺ (B, H, Tq, D). key, value: (B, H, Tk, D).
         query_neg: Q⁻ = ReLU(Q⁺) W⁻ (B, H, Tq, D), see ``negative_query``.
         attention_mask: additive float or boolean (True = attend) mask broadcastable to (B, H, Tq, Tk).
         is_causal: apply a bottom-right aligned causal mask on top of ``attention_mask``.
-        dropout_p: dropout on the combined map P_G (pass 0.0 at inference).
+        dropout_p: dropout on the combined map P_G, in [0, 1] (pass 0.0 at inference): one keep-mask over the
+            entries of P_G, kept entries scaled by 1 / (1 − p), so E[output] is the output without dropout; 1.0
+            gives zeros, as ``F.dropout(p=1)`` does. The returned map is the dropped one, as in stock eager.
+            (``sdpa_gpam_attention`` drops P⁺ and P⁻ independently instead: same expectation, more variance.)
         upcast: compute scores and softmax in float32 (GPT-2's ``reorder_and_upcast_attn``).
         softcap: logit soft-capping ``tanh(s / softcap) · softcap`` of both score maps (Gemma 2), or None.
+        fast_path: None (default) takes the in-place autograd function wherever it is exact; False forces the
+            composed path; True requires the in-place one and raises ``ValueError`` where it does not apply.
 
     Returns:
         ``(output, p_gpam)``: output (B, H, Tq, D) and the signed map P_G (B, H, Tq, Tk) in ``value``'s dtype.
+
+    Example:
+
+    ```python
+    >>> q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    >>> lam = torch.full((2,), 0.5)
+    >>> out, p_gpam = eager_gpam_attention(q, k, v, negative_query(q, -torch.eye(8)), lam, lam, scaling=8**-0.5)
+    >>> out.shape, p_gpam.shape
+    (torch.Size([1, 2, 5, 8]), torch.Size([1, 2, 5, 5]))
+    ```
     """
-    if softcap is None and fast_path_applies(query, key, value, query_neg, attention_mask, upcast):
-        # same numbers with a fraction of the T×T buffers; see gpam_eager_autograd
-        return EagerGpamFunction.apply(
-            query, query_neg, key, value, lambda_pos, lambda_neg, attention_mask, scaling, is_causal, dropout_p
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"eager_gpam_attention: dropout_p={dropout_p} is not a probability in [0, 1]")
+    if fast_path is not False:
+        refusal = "soft-capping is not implemented there" if softcap is not None else fast_path_refusal(
+            query, key, value, query_neg, attention_mask, upcast
         )
+        if refusal is None:
+            # same numbers with a fraction of the T×T buffers; see gpam_eager_autograd. O = P_G V is computed here,
+            # outside the function, so that the returned P_G is the node the output depends on.
+            p_gpam = EagerGpamFunction.apply(
+                query, query_neg, key, lambda_pos, lambda_neg, attention_mask, scaling, is_causal, dropout_p
+            )
+            return torch.matmul(p_gpam, value), p_gpam
+        if fast_path:
+            raise ValueError(
+                f"eager_gpam_attention(fast_path=True): the in-place path does not apply here: {refusal}. Pass "
+                "fast_path=None to choose automatically, or False for the composed path."
+            )
     mask = additive_mask(attention_mask, torch.float32 if upcast else query.dtype)
     # softmax in at least float32 (as transformers' eager functions do), the maps back in the input dtype
     softmax_dtype = torch.promote_types(query.dtype, torch.float32)
@@ -175,7 +209,10 @@ def sdpa_gpam_attention(
         measure fastest for causal training shapes;
       * no mask, or one mask row shared by all queries (decode steps, encoders, cross-attention, padding): one call
         with [Q⁺; Q⁻] stacked along the query axis, which reads K and V once; the mask is passed as its single row.
-    Dropout, when on, is applied inside each kernel call.
+    Dropout, when on, is applied inside the kernel calls: entries of P⁺ and P⁻ are dropped independently. The
+    expected output is the output without dropout, as with eager's single mask over P_G, but the variance per
+    entry is p/(1−p)·Σ_j ((1+λ⁺)²P⁺² + (λ⁻)²P⁻²)·V² instead of p/(1−p)·Σ_j P_G²·V²: larger for λ⁻ ≥ 0, since
+    the negative cross term of P_G² is gone.
 
     Returns the output (B, H, Tq, D).
     """
