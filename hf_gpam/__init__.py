@@ -1,8 +1,10 @@
-"""hf_gpam: daGPAM attention (Heo & Choi, 2024) for GPT-2, BART and Marian in HuggingFace Transformers.
+"""hf_gpam: daGPAM attention (Heo & Choi, 2024) for GPT-2, BART, Marian and the Llama, Mistral, Qwen2/3, Gemma2/3,
+Phi-3, GPT-NeoX, OPT and OLMo2 decoders in HuggingFace Transformers.
 
 Importing the package registers the GPAM configs and models with ``AutoConfig``, ``AutoModel``,
-``AutoModelForCausalLM`` and ``AutoModelForSeq2SeqLM``, and the two daGPAM attention backends ``gpam_eager`` and
-``gpam_sdpa`` with transformers' ``AttentionInterface``; nothing else global happens.
+``AutoModelForCausalLM``, ``AutoModelForSeq2SeqLM`` and ``AutoModelForSequenceClassification``, and the two daGPAM
+attention backends ``gpam_eager`` and ``gpam_sdpa`` with transformers' ``AttentionInterface``; nothing else global
+happens.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from .modeling import (  # noqa: E402
     GpamMarianModel,
     GpamMarianMTModel,
 )
+from .modeling import configuration_gpam_decoders, modeling_gpam_decoders  # noqa: E402
+
+# the generated decoder classes (GpamLlamaConfig, GpamLlamaModel, GpamLlamaForCausalLM, ...), one set per family
+from .modeling.configuration_gpam_decoders import *  # noqa: E402, F403
+from .modeling.modeling_gpam_decoders import *  # noqa: E402, F403
 from .patching import is_gpam_model, patch_model  # noqa: E402
 
 
@@ -62,4 +69,6 @@ __all__ = [
     "transformers_requirement",
     "TRANSFORMERS_MIN",
     "TRANSFORMERS_MAX_EXCLUSIVE",
+    *(name for name in configuration_gpam_decoders.__all__ if name.startswith("Gpam")),
+    *(name for name in modeling_gpam_decoders.__all__ if name.startswith("Gpam") and name != "GpamDecoderModelMixin"),
 ]

@@ -1,14 +1,21 @@
 """The supported-architecture table: one row per stock ``model_type``, the single place that says which GPAM
-config and model classes stand for which stock ones. Registration, ``patch_model`` and the tests all read it."""
+config and model classes stand for which stock ones. Registration, ``patch_model`` and the tests all read it.
+
+GPT-2, BART and Marian have hand-written classes; the decoder-only families get one row each from the classes
+``modeling_gpam_decoders`` generates out of its own table (``DECODER_FAMILIES``)."""
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass
 
+from torch import nn
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
     BartForConditionalGeneration,
     BartModel,
     GPT2LMHeadModel,
@@ -17,6 +24,13 @@ from transformers import (
     MarianMTModel,
 )
 
+from .modeling.configuration_gpam_decoders import DECODER_FAMILIES, GPAM_CONFIG_CLASSES, make_gpam_config_class
+from .modeling.modeling_gpam_decoders import (
+    GPAM_MODEL_CLASSES,
+    auto_class_name,
+    make_gpam_attention_class,
+    make_gpam_model_class,
+)
 from .modeling import (
     GpamBartConfig,
     GpamBartForConditionalGeneration,
@@ -72,8 +86,111 @@ ARCHITECTURES: dict[str, GpamArchitecture] = {
     ),
 }
 
+_AUTO_CLASSES = {
+    "AutoModel": AutoModel,
+    "AutoModelForCausalLM": AutoModelForCausalLM,
+    "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
+}
+
+
+def _decoder_architecture(model_type: str) -> GpamArchitecture:
+    model_classes = GPAM_MODEL_CLASSES[model_type]
+    return GpamArchitecture(
+        model_type=model_type,
+        config_class=GPAM_CONFIG_CLASSES[model_type],
+        model_classes=dict(model_classes),
+        auto_classes={_AUTO_CLASSES[auto_class_name(stock.__name__)]: gpam for stock, gpam in model_classes.items()},
+    )
+
+
+# decoder-only families, in DECODER_FAMILIES order (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi-3, GPT-NeoX,
+# OPT, OLMo2); each row's model_classes are base model, causal LM and, where transformers has one, classifier
+ARCHITECTURES.update({model_type: _decoder_architecture(model_type) for model_type in DECODER_FAMILIES})
+
 GPAM_MODEL_TYPES = {arch.gpam_model_type: arch for arch in ARCHITECTURES.values()}
 
 
 def supported_model_types() -> str:
     return ", ".join(ARCHITECTURES)
+
+
+# --- families outside the table: patch_model(model, allow_untested=True) --------------------------------------
+
+# attribute names of the query projection (alone or fused with keys and values) across transformers' families
+QUERY_PROJECTION_NAMES = ("q_proj", "qkv_proj", "query", "query_key_value", "c_attn", "Wqkv", "W_pack", "q_attn")
+# attribute names of the head dimension on attention modules
+HEAD_DIM_NAMES = ("head_dim", "head_size", "attention_head_size")
+_INTERFACE_CALL = "ALL_ATTENTION_FUNCTIONS.get_interface("
+_UNTESTED_ARCHITECTURES: dict[type, GpamArchitecture] = {}
+
+
+def _routes_through_attention_interface(cls: type) -> bool:
+    module = sys.modules.get(cls.__module__)
+    try:
+        return module is not None and _INTERFACE_CALL in inspect.getsource(module)
+    except (OSError, TypeError):
+        return False
+
+
+def _is_interface_attention_module(module: nn.Module) -> bool:
+    return (
+        isinstance(getattr(module, "layer_idx", None), int)
+        and any(isinstance(getattr(module, name, None), nn.Linear) for name in QUERY_PROJECTION_NAMES)
+        and _routes_through_attention_interface(type(module))
+    )
+
+
+def untested_architecture(model: nn.Module) -> GpamArchitecture:
+    """A table row built on the fly for a model whose family is not in ``ARCHITECTURES``.
+
+    The attention modules are found generically: modules with an integer ``layer_idx`` and a query projection
+    (``q_proj``, ``qkv_proj``, ``query_key_value``, ...) whose modeling file calls
+    ``ALL_ATTENTION_FUNCTIONS.get_interface(``, i.e. whose attention daGPAM's registered backends can take over.
+    All of them must share one class and expose the head dimension (``head_dim``, ``head_size`` or
+    ``attention_head_size``). Raises ``ValueError`` saying what is missing otherwise.
+
+    The classes are generated with the same factories as the table's (cached per stock model class) but are not
+    registered with the Auto classes and ship no remote code. ``patch_model`` checks the λ = 0 identity right after
+    using them.
+    """
+    model_class = type(model)
+    cached = _UNTESTED_ARCHITECTURES.get(model_class)
+    if cached is not None:
+        return cached
+    config = model.config
+    model_type = config.model_type
+    attention_classes = {type(m) for m in model.modules() if _is_interface_attention_module(m)}
+    if not attention_classes:
+        raise ValueError(
+            f"patch_model(allow_untested=True): {model_class.__name__} (model_type {model_type!r}) has no attention "
+            "module that routes through transformers' attention interface (a module with an integer layer_idx, a "
+            f"query projection named one of {', '.join(QUERY_PROJECTION_NAMES)}, in a modeling file that calls "
+            f"{_INTERFACE_CALL}...)). daGPAM cannot take over its attention; supported families: "
+            f"{supported_model_types()}."
+        )
+    if len(attention_classes) > 1:
+        names = ", ".join(sorted(cls.__name__ for cls in attention_classes))
+        raise ValueError(
+            f"patch_model(allow_untested=True): {model_class.__name__} has several attention classes ({names}); "
+            "the untested path converts models with one attention class only."
+        )
+    (stock_attention,) = attention_classes
+    sample = next(m for m in model.modules() if type(m) is stock_attention)
+    head_dim_attribute = next((n for n in HEAD_DIM_NAMES if isinstance(getattr(sample, n, None), int)), None)
+    if head_dim_attribute is None:
+        raise ValueError(
+            f"patch_model(allow_untested=True): {stock_attention.__name__} stores its head dimension under none of "
+            f"{', '.join(HEAD_DIM_NAMES)}; daGPAM needs it to size W⁻."
+        )
+    # module_name: these classes live in this cache only; they are never saved as remote code
+    config_class = make_gpam_config_class(type(config), model_type, module_name=__name__)
+    attention_class = make_gpam_attention_class(stock_attention, head_dim_attribute, module_name=__name__)
+    softcap_attribute = "attn_logit_softcapping" if hasattr(config, "attn_logit_softcapping") else None
+    gpam_class = make_gpam_model_class(
+        model_class, config_class, attention_class, stock_attention, softcap_attribute, module_name=__name__
+    )
+    architecture = GpamArchitecture(
+        model_type=model_type, config_class=config_class, model_classes={model_class: gpam_class}, auto_classes={}
+    )
+    _UNTESTED_ARCHITECTURES[model_class] = architecture
+    return architecture

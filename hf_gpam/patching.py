@@ -1,15 +1,16 @@
-"""``patch_model``: turn a loaded stock GPT-2 / BART / Marian model into its daGPAM twin, in place."""
+"""``patch_model``: turn a loaded stock model of a supported family into its daGPAM twin, in place."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
+import torch
 from torch import nn
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types
-from .modeling.gpam_attention import SUPPORTED_ATTN_IMPLEMENTATIONS
+from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types, untested_architecture
+from .modeling.gpam_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, GpamAttentionMixin
 from .modeling.gpam_config_fields import GpamConfigFields
+from .modeling.gpam_modeling_utils import GpamModelMixin, register_output_capture
 
 
 GPAM_OPTION_NAMES = tuple(f.name for f in fields(GpamConfigFields))
@@ -17,11 +18,11 @@ GPAM_OPTION_NAMES = tuple(f.name for f in fields(GpamConfigFields))
 _CONFIG_KEYS_NOT_CARRIED = ("model_type", "transformers_version", "architectures", "auto_map")
 
 
-def gpam_config_from_stock(config, **gpam_options):
+def gpam_config_from_stock(config, config_class: type | None = None, **gpam_options):
     """The GPAM config of ``config``'s architecture carrying every stock field of ``config`` plus ``gpam_options``.
 
     Unset ``gpam_*`` fields take the GPAM config's defaults (λ = 0.5, the new-model default; ``patch_model``
-    passes λ = 0 itself).
+    passes λ = 0 itself). ``config_class`` overrides the table's GPAM config class (families outside the table).
 
     Example:
 
@@ -32,22 +33,55 @@ def gpam_config_from_stock(config, **gpam_options):
     'gpam_gpt2'
     ```
     """
-    architecture = ARCHITECTURES.get(getattr(config, "model_type", None))
-    if architecture is None:
-        raise ValueError(
-            f"model_type {getattr(config, 'model_type', None)!r} is not supported (supported: {supported_model_types()})"
-        )
+    if config_class is None:
+        architecture = ARCHITECTURES.get(getattr(config, "model_type", None))
+        if architecture is None:
+            raise ValueError(
+                f"model_type {getattr(config, 'model_type', None)!r} is not supported (supported: {supported_model_types()})"
+            )
+        config_class = architecture.config_class
     stock_fields = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_KEYS_NOT_CARRIED}
-    return architecture.config_class(**{**stock_fields, **gpam_options})
+    return config_class(**{**stock_fields, **gpam_options})
 
 
 def is_gpam_model(model: nn.Module) -> bool:
     """True for a GPAM model, whether its classes come from hf_gpam or from a checkpoint's remote code."""
-    return getattr(getattr(model, "config", None), "model_type", None) in GPAM_MODEL_TYPES
+    # GpamModelMixin: also a model patched with allow_untested=True, whose model type is in no table
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type in GPAM_MODEL_TYPES or isinstance(model, GpamModelMixin)
 
 
-def patch_model(model: nn.Module, **gpam_options) -> nn.Module:
-    """Convert a stock GPT-2, BART or Marian model into the matching GPAM model, in place, and return it.
+def check_weights_are_materialised(model: nn.Module) -> None:
+    """Raise ``ValueError`` where daGPAM's new parameters could not be placed correctly next to the model's own.
+
+    Each attention module gets W⁻ on its own device in its own dtype; that is only right when the module's weights
+    are real floating-point tensors. Refused: weights on the meta device (an empty-weights model, or one whose
+    weights accelerate offloads to CPU or disk and loads in hooks: the new parameters would never be loaded) and
+    quantized (integer) weights, whose dtype W⁻ cannot take.
+    """
+    # accelerate's CPU / disk offloading also leaves the parameters on the meta device, loading them in hooks
+    meta = [name for name, parameter in model.named_parameters() if parameter.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"patch_model: {len(meta)} weights are on the meta device (e.g. {meta[0]!r}): an empty-weights or "
+            "offloaded model, whose weights are loaded in hooks; daGPAM's new parameters would never be loaded. "
+            "Load the model fully (no offloading) before patching, or load the checkpoint straight into the GPAM "
+            "class: GpamXxx.from_pretrained(checkpoint, gpam_lambda_init=0.0)."
+        )
+    quantized = [
+        name for name, parameter in model.named_parameters() if not parameter.is_floating_point()
+    ]
+    if quantized:
+        raise ValueError(
+            f"patch_model: {len(quantized)} weights are quantized (non-floating dtype, e.g. {quantized[0]!r}: "
+            f"{dict(model.named_parameters())[quantized[0]].dtype}); daGPAM adds floating-point parameters next to "
+            "them and is not defined on quantized attention weights. Patch the model in floating point, then "
+            "quantize (keep gpam_q_neg and gpam_lambda unquantized)."
+        )
+
+
+def patch_model(model: nn.Module, *, allow_untested: bool = False, **gpam_options) -> nn.Module:
+    """Convert a stock model of a supported family into the matching GPAM model, in place, and return it.
 
     The model's class becomes the GPAM class (``GPT2LMHeadModel`` -> ``GpamGPT2LMHeadModel``), its config the GPAM
     config carrying every stock field plus the ``gpam_*`` options, and each selected attention module gains
@@ -59,8 +93,15 @@ def patch_model(model: nn.Module, **gpam_options) -> nn.Module:
     unchanged; with options it raises, as converting twice would stack a second set of parameters.
 
     Args:
-        model: a ``GPT2Model``, ``GPT2LMHeadModel``, ``BartModel``, ``BartForConditionalGeneration``,
-            ``MarianModel`` or ``MarianMTModel`` using the ``eager`` or ``sdpa`` attention implementation.
+        model: a model class of a row of ``hf_gpam.ARCHITECTURES`` (``GPT2LMHeadModel``, ``BartModel``,
+            ``LlamaForCausalLM``, ``Qwen3ForSequenceClassification``, ...) using the ``eager`` or ``sdpa``
+            attention implementation.
+        allow_untested: for a family outside the table, try daGPAM anyway on a model whose attention routes
+            through transformers' attention interface (see ``architectures.untested_architecture``). Right after
+            patching, the λ = 0 identity is checked on a probe input (random token ids, the logits before and
+            after); if it fails, the model is restored to its stock classes, config and parameters and
+            ``ValueError`` is raised. Such a model trains and saves its weights, but its checkpoint ships no remote
+            code: reload it by patching the stock model again and loading the weights.
         **gpam_options: any ``gpam_*`` config field (``gpam_lambda_init``, ``gpam_layers``, ...).
 
     Example:
@@ -89,9 +130,14 @@ def patch_model(model: nn.Module, **gpam_options) -> nn.Module:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     architecture = ARCHITECTURES.get(model_type)
+    untested = architecture is None and allow_untested and config is not None
+    if untested:
+        architecture = untested_architecture(model)
     if architecture is None:
         raise ValueError(
-            f"patch_model: model_type {model_type!r} is not supported (supported: {supported_model_types()})"
+            f"patch_model: model_type {model_type!r} is not supported (supported: {supported_model_types()}). "
+            "A model whose attention routes through transformers' attention interface can be tried with "
+            "patch_model(model, allow_untested=True), which checks the λ = 0 identity right after patching."
         )
     gpam_class = architecture.model_classes.get(type(model))
     if gpam_class is None:
@@ -106,9 +152,14 @@ def patch_model(model: nn.Module, **gpam_options) -> nn.Module:
             f"patch_model: the model uses attn_implementation={implementation!r}; daGPAM supports "
             f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Call model.set_attn_implementation('sdpa') first."
         )
+    check_weights_are_materialised(model)
+    if untested:
+        stock_class = type(model)
+        probe = probe_inputs(model)
+        reference = probe_output(model, probe)
 
     # λ = 0 keeps the pretrained model's outputs at conversion
-    gpam_config = gpam_config_from_stock(config, **{"gpam_lambda_init": 0.0, **gpam_options})
+    gpam_config = gpam_config_from_stock(config, architecture.config_class, **{"gpam_lambda_init": 0.0, **gpam_options})
     gpam_config._attn_implementation = implementation
     gpam_config.name_or_path = config.name_or_path
     gpam_config.architectures = [gpam_class.__name__]
@@ -118,8 +169,90 @@ def patch_model(model: nn.Module, **gpam_options) -> nn.Module:
         if getattr(module, "config", None) is config:
             module.config = gpam_config
     model.__class__ = gpam_class
-    # output_attentions / output_hidden_states capture is looked up by class in this registry, filled in
+    # output_attentions / output_hidden_states capture is looked up by class in a registry filled in
     # PreTrainedModel.__init__, which a class swap skips
-    _CAN_RECORD_REGISTRY[model] = gpam_class._can_record_outputs
+    register_output_capture(gpam_class)
     model.convert_to_gpam()
+    if untested:
+        try:
+            check_zero_lambda_identity(model, probe, reference)
+        except Exception:
+            unpatch(model, stock_class, config)
+            raise
     return model
+
+
+# --- the λ = 0 check of patch_model(allow_untested=True) ------------------------------------------------------
+
+
+def probe_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict:
+    """Random token ids (and a full attention mask) on the model's device, for the λ = 0 identity check."""
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+@torch.no_grad()
+def probe_output(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The main output (logits, else the last hidden state) of ``model`` on ``inputs``, in eval mode."""
+    training = model.training
+    model.eval()
+    try:
+        outputs = model(**inputs)
+    finally:
+        model.train(training)
+    output = getattr(outputs, "logits", None)
+    return (outputs.last_hidden_state if output is None else output).float()
+
+
+def check_zero_lambda_identity(model: nn.Module, inputs: dict, reference: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the patched ``model`` with λ = 0 reproduces ``reference`` on ``inputs``.
+
+    λ is set to 0 for the check and restored afterwards, so the check does not depend on ``gpam_lambda_init``.
+    """
+    modules = model.gpam_modules()
+    saved = [module.gpam_lambda.weight.detach().clone() for module in modules]
+    try:
+        with torch.no_grad():
+            for module in modules:
+                module.gpam_lambda.weight.zero_()
+        try:
+            output = probe_output(model, inputs)
+        except Exception as error:
+            raise ValueError(
+                f"patch_model(allow_untested=True): the patched {type(model).__name__} fails on a probe input: "
+                f"{type(error).__name__}: {str(error).rstrip('.')}. The model was restored to its stock classes."
+            ) from error
+    finally:
+        with torch.no_grad():
+            for module, weight in zip(modules, saved):
+                module.gpam_lambda.weight.copy_(weight)
+    # float32 rounding of a different kernel order, or half precision
+    tolerance = 1e-4 if reference.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
+    error = (output - reference).abs().max().item()
+    scale = 1.0 + reference.abs().max().item()
+    if not error <= tolerance * scale:
+        raise ValueError(
+            f"patch_model(allow_untested=True): with λ = 0 the patched {type(model).__name__} does not reproduce "
+            f"the stock outputs (max |Δ| = {error:.3g} on a probe input, allowed {tolerance * scale:.3g}); its "
+            "attention does not reach daGPAM the way the supported families do. The model was restored to its "
+            "stock classes."
+        )
+
+
+def unpatch(model: nn.Module, stock_class: type, stock_config) -> None:
+    """Undo ``patch_model`` on ``model``: stock classes, the stock config, no daGPAM parameters."""
+    gpam_config = model.config
+    for module in model.modules():
+        if isinstance(module, GpamAttentionMixin):
+            # the stock attention class is the first base after the mixin: Gpam<X>Attention(GpamAttentionMixin, X)
+            module.__class__ = type(module).__mro__[2]
+        for name in [n for n in (*module._parameters, *module._buffers, *module._modules) if n.startswith("gpam_")]:
+            delattr(module, name)
+        for name in [n for n in vars(module) if n.startswith("gpam_")]:
+            delattr(module, name)
+        if getattr(module, "config", None) is gpam_config:
+            module.config = stock_config
+    model.__class__ = stock_class

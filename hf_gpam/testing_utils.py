@@ -23,8 +23,48 @@ sys.meta_path.insert(0, HideHfGpam())
 """
 
 
+# The decoder families' tiny configs: 2 layers, width 32, 4 query heads of dim 8 sharing 2 K/V heads where the
+# family has grouped-query attention, and each family's distinctive feature switched on at a size that matters for
+# ~9-token inputs: sliding windows of 4 tokens, partial rotary embeddings, alternating sliding / global layers.
+_DECODER_COMMON = dict(
+    num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=TINY_VOCAB_SIZE,
+    max_position_embeddings=64, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+_GQA = dict(num_key_value_heads=2, head_dim=8)
+TINY_DECODER_CONFIGS = {
+    "llama": dict(_GQA),
+    "mistral": dict(_GQA, sliding_window=4),
+    "qwen2": dict(_GQA),
+    "qwen3": dict(_GQA),
+    # Gemma's query scale comes from query_pre_attn_scalar; layer 0 sliding (window 4), layer 1 global
+    "gemma2": dict(
+        _GQA, query_pre_attn_scalar=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+    ),
+    "gemma3_text": dict(
+        _GQA, query_pre_attn_scalar=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+    ),
+    "phi3": dict(num_key_value_heads=2, partial_rotary_factor=0.5),
+    # Pythia-style: a quarter of the head rotated would be 2 dims; half keeps the partial rotation visible
+    "gpt_neox": dict(rotary_pct=0.5, use_parallel_residual=True),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64),
+    "olmo2": dict(_GQA),
+}
+
+
 def tiny_stock_config(model_type: str, **overrides):
-    """A stock config of ``model_type`` ("gpt2", "bart", "marian") with 2 layers, width 32 and 4 heads."""
+    """A stock config of ``model_type`` with 2 layers, width 32 and 4 heads (head dim 8).
+
+    ``model_type`` is "gpt2", "bart", "marian" or a decoder family of ``TINY_DECODER_CONFIGS`` ("llama",
+    "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "opt", "olmo2").
+    """
+    if model_type in TINY_DECODER_CONFIGS:
+        from transformers import CONFIG_MAPPING
+
+        base = {**_DECODER_COMMON, **TINY_DECODER_CONFIGS[model_type]}
+        if model_type == "opt":
+            # OPT names its widths differently
+            base.pop("intermediate_size")
+        return CONFIG_MAPPING[model_type](**{**base, **overrides})
     if model_type == "gpt2":
         base = dict(
             n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=TINY_VOCAB_SIZE,
@@ -39,7 +79,8 @@ def tiny_stock_config(model_type: str, **overrides):
         )
         config_class = BartConfig if model_type == "bart" else MarianConfig
         return config_class(**{**base, **overrides})
-    raise ValueError(f"tiny_stock_config: model_type {model_type!r} is not one of 'gpt2', 'bart', 'marian'")
+    supported = ", ".join(repr(t) for t in ("gpt2", "bart", "marian", *TINY_DECODER_CONFIGS))
+    raise ValueError(f"tiny_stock_config: model_type {model_type!r} is not one of {supported}")
 
 
 def tiny_gpam_config(model_type: str, **overrides):

@@ -3,12 +3,17 @@
 import torch
 
 from hf_gpam import ARCHITECTURES
+from hf_gpam.modeling.configuration_gpam_decoders import DECODER_FAMILIES
 from hf_gpam.testing_utils import TINY_VOCAB_SIZE, tiny_gpam_config, tiny_stock_config
 
 
-MODEL_TYPES = list(ARCHITECTURES)
+# the decoder families generated from one table run their contract in tests/test_decoders.py, in fewer, combined
+# tests; the per-feature test files cover the three architectures with hand-written classes
+DECODER_TYPES = list(DECODER_FAMILIES)
+MODEL_TYPES = [mt for mt in ARCHITECTURES if mt not in DECODER_FAMILIES]
+ENCODER_DECODER_TYPES = {"bart", "marian"}
 # (model_type, stock class) for every class patch_model converts
-STOCK_CLASSES = [(mt, cls) for mt, arch in ARCHITECTURES.items() for cls in arch.model_classes]
+STOCK_CLASSES = [(mt, cls) for mt in MODEL_TYPES for cls in ARCHITECTURES[mt].model_classes]
 STOCK_CLASS_IDS = [cls.__name__ for _, cls in STOCK_CLASSES]
 IMPLEMENTATIONS = ["eager", "sdpa"]
 
@@ -44,7 +49,7 @@ def model_inputs(model_type, batch=2, length=9, left_padding=False, seed=0):
     padded = slice(0, 3) if left_padding else slice(length - 3, length)
     attention_mask[1, padded] = 0
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if model_type != "gpt2":
+    if model_type in ENCODER_DECODER_TYPES:
         inputs["decoder_input_ids"] = torch.randint(3, TINY_VOCAB_SIZE, (batch, length - 2), generator=generator)
     return inputs
 
@@ -56,9 +61,15 @@ def main_output(outputs):
 
 def valid_positions(model_type, inputs):
     """Boolean (B, T_out) mask of output positions that are not padding (padding rows are unspecified)."""
-    if model_type == "gpt2":
+    if model_type not in ENCODER_DECODER_TYPES:
         return inputs["attention_mask"].bool()
     return torch.ones(inputs["decoder_input_ids"].shape, dtype=torch.bool)
+
+
+# the query / key projection weights of every architecture (fused q|k|v ones included)
+SHARPENED_WEIGHTS = (
+    "q_proj.weight", "k_proj.weight", "c_attn.weight", "q_attn.weight", "qkv_proj.weight", "query_key_value.weight",
+)
 
 
 def sharpen_attention(model, std=0.4):
@@ -69,6 +80,6 @@ def sharpen_attention(model, std=0.4):
     """
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if any(key in name for key in ("q_proj.weight", "k_proj.weight", "c_attn.weight", "q_attn.weight")):
+            if any(key in name for key in SHARPENED_WEIGHTS):
                 parameter.normal_(std=std)
     return model
