@@ -201,8 +201,8 @@ def json_row_lines(path: str, rows: list[int]) -> dict[int, int]:
     if stripped.startswith("["):
         decoder = json.JSONDecoder()
         position = len(text) - len(stripped) + 1
-        line, counted_to, row = 1, 0, 0
-        while row <= max(wanted, default=-1):
+        line, counted_to, row, last = 1, 0, 0, max(wanted, default=-1)
+        while row <= last:
             while position < len(text) and text[position] in " \t\r\n,":
                 position += 1
             if position >= len(text) or text[position] == "]":
