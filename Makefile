@@ -2,22 +2,28 @@
 #   make run    the main job: the language-modeling recipe on its embedded default corpus
 #   make test   the test suite (what .ci/run runs)
 #   make demo   a 10-second tour: new model, patch, save, reload with trust_remote_code
+#   make compat the core tests once per transformers release of the verified range, each in its own venv under
+#               .compat/ (for releases; COMPAT_VERSIONS="5.23.0 5.24.0", COMPAT_TESTS=tests/test_ops.py to narrow)
 # GPU users: make test TORCH_SPEC="torch" (or any pip requirement) to keep a CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# empty: scripts/compat.py's defaults (the verified range, the core test modules)
+COMPAT_VERSIONS ?=
+COMPAT_TESTS ?=
+COMPAT_ARGS ?=
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run demo test test-slow venv clean
+.PHONY: run demo test test-slow venv compat clean clean-compat
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[all,dev]"
 	touch $@
 
 run: venv
@@ -32,5 +38,14 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
+# needs no .venv: the script uses the standard library only and builds one venv per release
+compat:
+	$(PYTHON) scripts/compat.py --torch-spec "$(TORCH_SPEC)" \
+		$(if $(strip $(COMPAT_VERSIONS)),--versions $(COMPAT_VERSIONS)) \
+		$(if $(strip $(COMPAT_TESTS)),--tests $(COMPAT_TESTS)) $(COMPAT_ARGS)
+
 clean:
 	rm -rf $(VENV) outputs
+
+clean-compat:
+	rm -rf .compat

@@ -14,7 +14,9 @@ import setuptools
 import torch
 import transformers
 from packaging.requirements import Requirement
+from packaging.version import Version
 
+import hf_gpam
 from hf_gpam.hub import (
     DEFAULT_TEMPLATE_PATH,
     LM_TEMPLATE_PATH,
@@ -135,9 +137,11 @@ def test_heavy_dependencies_are_extras(pyproject):
     assert "pytest" in extras["dev"]
 
 
-def test_transformers_requirement_allows_the_installed_release(pyproject):
-    # the test environment itself must satisfy what pip is told
+def test_transformers_requirement_is_the_import_gate_range(pyproject):
+    # pip must install exactly what `import hf_gpam` accepts (the verified range), and this environment is in it
     (requirement,) = [Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("transformers")]
+    bounds = {(spec.operator, Version(spec.version)) for spec in requirement.specifier}
+    assert bounds == {(">=", Version(hf_gpam.TRANSFORMERS_MIN)), ("<", Version(hf_gpam.TRANSFORMERS_MAX_EXCLUSIVE))}
     assert requirement.specifier.contains(transformers.__version__), (requirement, transformers.__version__)
 
 
@@ -174,7 +178,8 @@ def test_plotting_says_how_to_install_matplotlib_when_it_is_missing(monkeypatch,
 
 def _run(command, **kwargs):
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, **kwargs)
-    assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    shown = " ".join(map(str, command))
+    assert result.returncode == 0, f"{shown} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
     return result
 
 
@@ -201,7 +206,8 @@ def test_a_torch_and_transformers_only_environment_can_import_and_patch(tmp_path
         shutil.copy(REPO_ROOT / name, source / name)
     _run([*pip, "--no-deps", str(source)])
 
-    absent = _run([python, "-c", f"import importlib.util as u; print([m for m in {HEAVY_MODULES!r} if u.find_spec(m)])"])
+    find_heavy = f"import importlib.util as u; print([m for m in {HEAVY_MODULES!r} if u.find_spec(m)])"
+    absent = _run([python, "-c", find_heavy])
     assert absent.stdout.strip() == "[]", f"the light environment has optional packages: {absent.stdout}"
 
     script = tmp_path / "light_user.py"
@@ -218,7 +224,9 @@ print(json.dumps({"model_cards": str(MODEL_CARDS_DIR)}))
 """
     )
     # run outside the repository so that the installed copy is imported, not the source tree
-    result = _run([python, str(script), ",".join(HEAVY_MODULES)], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = _run(
+        [python, str(script), ",".join(HEAVY_MODULES)], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()[-2:]]
     report, cards = lines
     site_packages = Path(report["package"]).parent.parent
