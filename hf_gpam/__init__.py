@@ -40,6 +40,7 @@ from .modeling import configuration_gpam_decoders, modeling_gpam_decoders  # noq
 from .modeling.configuration_gpam_decoders import *  # noqa: E402, F403
 from .modeling.modeling_gpam_decoders import *  # noqa: E402, F403
 from .patching import is_gpam_model, patch_model  # noqa: E402
+from .training import gpam_decay_parameter_names, gpam_optimizer_groups  # noqa: E402
 
 
 def _register_auto_classes() -> None:
@@ -64,6 +65,8 @@ __all__ = [
     "GpamMarianConfig",
     "GpamMarianModel",
     "GpamMarianMTModel",
+    "gpam_decay_parameter_names",
+    "gpam_optimizer_groups",
     "is_gpam_model",
     "patch_model",
     "transformers_requirement",

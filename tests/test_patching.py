@@ -93,7 +93,7 @@ def test_remote_code_gpam_model_is_recognised_by_duck_typing(tmp_path):
 
 def test_unsupported_model_type_lists_the_supported_ones():
     bert = BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64))
-    with pytest.raises(ValueError, match="model_type 'bert' is not supported \\(supported: gpt2, bart, marian\\)"):
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported \\(supported: gpt2, bart, marian, llama"):
         hf_gpam.patch_model(bert)
     with pytest.raises(ValueError, match="not supported"):
         hf_gpam.patch_model(torch.nn.Linear(2, 2))

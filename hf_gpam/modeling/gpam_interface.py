@@ -44,7 +44,7 @@ SUPPORTED_ATTN_IMPLEMENTATIONS = tuple(GPAM_ATTN_IMPLEMENTATIONS)
 #   "applied"   changes the math; applied to both maps exactly as stock applies it to its one map
 #   "mask"      already encoded in the attention mask transformers built from it (sliding windows, packed
 #               sequences), which both maps share; the flash-only packing metadata is redundant with that mask
-#   "ignored"   output / cache flags that do not change attention; stock eager and sdpa ignore them too
+#   "ignored"   output / cache / loss arguments that do not change attention; stock eager and sdpa ignore them too
 #   "refused"   raises ValueError when set (not None): daGPAM has no definition for it yet
 KEYWORD_POLICY = {
     "softcap": "applied",
@@ -59,6 +59,9 @@ KEYWORD_POLICY = {
     "output_attentions": "ignored",
     "output_hidden_states": "ignored",
     "return_dict": "ignored",
+    # the Trainer's loss-normalisation count and labels travel with the model's **kwargs down to attention
+    "num_items_in_batch": "ignored",
+    "labels": "ignored",
     "s_aux": "refused",
     "sinks": "refused",
     "position_bias": "refused",
