@@ -343,8 +343,38 @@ def _rss_kib(field_name: str) -> int:
 
 
 def memory_child(variant: str, shape: dict) -> None:
-    """Run in a fresh process: peak RSS of one no-grad forward of a GPT-2 body, printed as JSON."""
+    """Run in a fresh process: peak RSS of one no-grad forward, printed as JSON.
+
+    The GPT-2 body on one unpadded sequence, or (``shape["model"] == "bart_encoder"``) a BART encoder on a batch of
+    two whose second row is half padding: the padding mask reaches the fused path as an expanded (B, 1, T, T) view,
+    which must not become a dense copy.
+    """
     torch.manual_seed(0)
+    if shape.get("model") == "bart_encoder":
+        from transformers import BartConfig, BartModel
+
+        config = BartConfig(
+            encoder_layers=shape["layers"], decoder_layers=1, d_model=shape["d"], encoder_attention_heads=shape["heads"],
+            decoder_attention_heads=shape["heads"], encoder_ffn_dim=4 * shape["d"], decoder_ffn_dim=4 * shape["d"],
+            max_position_embeddings=shape["T"], vocab_size=shape["vocab"],
+        )
+        config._attn_implementation = "sdpa"
+        model = BartModel(config).eval()
+        if variant == "gpam":
+            hf_gpam.patch_model(model, **GPAM_OPTIONS)
+        encoder = model.get_encoder()
+        ids = torch.randint(3, shape["vocab"], (2, shape["T"]))
+        mask = torch.ones_like(ids)
+        mask[1, shape["T"] // 2 :] = 0
+        with torch.no_grad():
+            encoder(input_ids=ids, attention_mask=mask)
+            gc.collect()
+            baseline = _rss_kib("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")
+            encoder(input_ids=ids, attention_mask=mask)
+            peak = _rss_kib("VmHWM")
+        print(json.dumps({"baseline_kib": baseline, "peak_kib": peak, "forward_peak_mib": (peak - baseline) / 1024}))
+        return
     config = gpt2_config(
         n_layer=shape["layers"], n_embd=shape["d"], n_head=shape["heads"], n_positions=shape["T"],
         vocab_size=shape["vocab"], attn_implementation="sdpa",
@@ -365,8 +395,8 @@ def memory_child(variant: str, shape: dict) -> None:
     print(json.dumps({"baseline_kib": baseline, "peak_kib": peak, "forward_peak_mib": (peak - baseline) / 1024}))
 
 
-def bench_memory(shape: dict, *, repetitions, target) -> Row:
-    """Peak memory of a fused (sdpa) no-grad forward through the GPT-2 body, each run in its own process."""
+def bench_memory(shape: dict, *, repetitions, target, name: str = "memory_forward") -> Row:
+    """Peak memory of a fused (sdpa) no-grad forward (see ``memory_child``), each run in its own process."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
     results = {"stock": [], "gpam": []}
     for rep in range(repetitions):
@@ -378,10 +408,19 @@ def bench_memory(shape: dict, *, repetitions, target) -> Row:
     gpam_peaks = [r["forward_peak_mib"] for r in results["gpam"]]
     stock_total = statistics.median(r["peak_kib"] for r in results["stock"]) / 1024
     gpam_total = statistics.median(r["peak_kib"] for r in results["gpam"]) / 1024
+    if shape.get("model") == "bart_encoder":
+        description = (
+            f"peak RSS of a no-grad sdpa forward (activations, above the resident model), BART encoder "
+            f"{shape['layers']} layers d={shape['d']}, batch 2 with the second row half padding, T={shape['T']}"
+        )
+    else:
+        description = (
+            f"peak RSS of a no-grad sdpa forward (activations, above the resident model), GPT-2 body "
+            f"{shape['layers']} layers d={shape['d']}, batch 1, T={shape['T']}"
+        )
     return Row(
-        "memory_forward",
-        f"peak RSS of a no-grad sdpa forward (activations, above the resident model), GPT-2 body "
-        f"{shape['layers']} layers d={shape['d']}, batch 1, T={shape['T']}",
+        name,
+        description,
         statistics.median(stock_peaks), statistics.median(gpam_peaks), "MiB", target=target,
         ratio_spread=(min(g / s for s, g in zip(stock_peaks, gpam_peaks)), max(g / s for s, g in zip(stock_peaks, gpam_peaks))),
         repetitions=repetitions,
@@ -429,6 +468,7 @@ SHAPES = {
     "full": {
         "module": {"B": 4, "H": 12, "T": 1024, "D": 64},
         "memory": {"layers": 12, "d": 768, "heads": 12, "vocab": 50257, "T": 4096},
+        "memory_padded": {"model": "bart_encoder", "layers": 2, "d": 512, "heads": 8, "vocab": 1000, "T": 4096},
         "train_gpt2": {"layers": 12, "d": 768, "heads": 12, "vocab": 50257, "T": 512, "batch": 2},
         "decode": {"layers": 12, "d": 768, "heads": 12, "vocab": 50257, "prompt": 32, "new_tokens": 128},
         "train_marian": {"layers": 6, "d": 512, "heads": 8, "vocab": 32000, "src": 64, "tgt": 64, "batch": 8},
@@ -437,6 +477,7 @@ SHAPES = {
     "quick": {
         "module": {"B": 2, "H": 12, "T": 256, "D": 64},
         "memory": {"layers": 2, "d": 768, "heads": 12, "vocab": 1000, "T": 1024},
+        "memory_padded": {"model": "bart_encoder", "layers": 1, "d": 256, "heads": 4, "vocab": 1000, "T": 1024},
         "train_gpt2": {"layers": 2, "d": 256, "heads": 4, "vocab": 1000, "T": 128, "batch": 2},
         "decode": {"layers": 2, "d": 256, "heads": 4, "vocab": 1000, "prompt": 16, "new_tokens": 16},
         "train_marian": {"layers": 2, "d": 256, "heads": 4, "vocab": 1000, "src": 32, "tgt": 32, "batch": 4},
@@ -445,11 +486,11 @@ SHAPES = {
 }
 
 TARGETS = {
-    "module_sdpa": 1.55, "module_eager": 1.35, "memory_forward": 1.05, "train_gpt2": 1.12, "decode_gpt2": 1.06,
+    "module_sdpa": 1.55, "module_eager": 1.35, "memory_forward": 1.05, "memory_padded_encoder": 1.05, "train_gpt2": 1.12, "decode_gpt2": 1.06,
     "train_marian": 1.10, "patch_model": 1.01,
 }
 
-ALL_BENCHMARKS = ("module_sdpa", "module_eager", "memory_forward", "train_gpt2", "decode_gpt2", "train_marian",
+ALL_BENCHMARKS = ("module_sdpa", "module_eager", "memory_forward", "memory_padded_encoder", "train_gpt2", "decode_gpt2", "train_marian",
                   "patch_model", "compile")
 
 
@@ -465,6 +506,8 @@ def run_all(quick: bool, only: list[str], repetitions: int | None) -> list[Row]:
                                target=TARGETS[name])
         elif name == "memory_forward":
             row = bench_memory(shapes["memory"], repetitions=max(2, reps // 4), target=TARGETS[name])
+        elif name == "memory_padded_encoder":
+            row = bench_memory(shapes["memory_padded"], repetitions=max(2, reps // 4), target=TARGETS[name], name=name)
         elif name == "train_gpt2":
             row = bench_training_gpt2(shapes["train_gpt2"], warmup=warmup, repetitions=reps, target=TARGETS[name])
         elif name == "decode_gpt2":

@@ -242,22 +242,26 @@ def test_grouped_query_heads_share_key_value_heads_in_both_maps(backend, causal,
 # --- masks: no T×T copies on the fused path -------------------------------------------------------------------
 
 
-def test_fused_path_passes_a_query_broadcast_mask_as_one_row(monkeypatch):
+@pytest.mark.parametrize(("q_len", "calls"), [(64, 2), (1, 1)], ids=["prefill-two-calls", "decode-one-stacked-call"])
+def test_fused_path_passes_a_query_broadcast_mask_as_one_row(monkeypatch, q_len, calls):
     recorded = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
-        recorded.append(None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.is_contiguous()))
+        recorded.append((query.shape[-2], None if attn_mask is None else tuple(attn_mask.shape)))
         return real_sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(gpam_ops.F, "scaled_dot_product_attention", recording_sdpa)
-    query, key, value = qkv(q_len=64, k_len=64)
+    query, key, value = qkv(q_len=q_len, k_len=64)
     module = ToyGpamAttention()
     # transformers' padding masks for encoders: an expanded (stride 0) view of one row per sequence
-    mask = padding_mask(2, 64, 64)
-    assert mask.stride(-2) == 0
+    mask = padding_mask(2, q_len, 64)
+    assert q_len == 1 or mask.stride(-2) == 0
     output = gpam_sdpa_attention_forward(module, query, key, value, mask)[0]
-    assert recorded == [((2, 1, 1, 64), True)], "one kernel call with one mask row, nothing (B, 1, 2·T, T)"
+    # never a (B, 1, 2·Tq, Tk) or (B, 1, Tq, Tk) copy: the kernel gets the one shared row; the queries are stacked
+    # (2·Tq rows in one call) only for a decode step
+    stacked_rows = 2 * q_len if calls == 1 else q_len
+    assert recorded == [(stacked_rows, (2, 1, 1, 64))] * calls
     reference = reference_for(module, query, key, value, mask=mask)["output"]
     torch.testing.assert_close(output.transpose(1, 2).double(), reference, atol=2e-5, rtol=2e-5)
 

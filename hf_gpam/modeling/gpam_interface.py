@@ -247,15 +247,15 @@ def gpam_sdpa_attention_forward(
     if is_causal and key.shape[-2] > q_len:
         # prefill into an empty static cache: the kernel's causal mask is top-left aligned, the unused slots go
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    query_neg = negative_query(module, query)
     groups = _key_value_groups(query, key)
     # grouped-query heads: the kernel reads shared K/V heads itself when no mask forces its math path (stock's rule)
     enable_gqa = groups > 1 and attention_mask is None
     if groups > 1 and not enable_gqa:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     lambda_pos, lambda_neg = module.gpam_lambda()
+    # Q⁻ is handed over without a name here, so the kernel can free it after its use (see sdpa_gpam_attention)
     output = sdpa_gpam_attention(
-        query, key, value, query_neg, lambda_pos, lambda_neg,
+        query, key, value, negative_query(module, query), lambda_pos, lambda_neg,
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         attention_mask=attention_mask, is_causal=is_causal, dropout_p=dropout, enable_gqa=enable_gqa,
     )

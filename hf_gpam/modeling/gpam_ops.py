@@ -61,17 +61,31 @@ def _lambdas_as_columns(lambda_pos: torch.Tensor, lambda_neg: torch.Tensor, dtyp
 
 
 def combine_dual_attention(
-    positive: torch.Tensor, negative: torch.Tensor, lambda_pos: torch.Tensor, lambda_neg: torch.Tensor
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    lambda_pos: torch.Tensor,
+    lambda_neg: torch.Tensor,
+    *,
+    overwrite_positive: bool = False,
 ) -> torch.Tensor:
     """(1 + λ⁺)·positive − λ⁻·negative, per head, for tensors of shape (B, H, Tq, *).
 
     Works for the two probability maps (eager) and for the two attention outputs (fused path) alike. Half
     precision inputs are combined in float32 and cast back, so small λ are not rounded away.
+    ``overwrite_positive`` lets the result be written over ``positive`` when nothing needs gradients and it is
+    already in the working precision (inference: one (B, H, Tq, *) buffer less at the memory peak).
     """
     out_dtype = positive.dtype
     work_dtype = torch.promote_types(out_dtype, torch.float32)
     lam_pos, lam_neg = _lambdas_as_columns(lambda_pos, lambda_neg, work_dtype)
-    combined = positive.to(work_dtype) * (1.0 + lam_pos) - negative.to(work_dtype) * lam_neg
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (positive, negative, lambda_pos, lambda_neg)
+    )
+    if overwrite_positive and not needs_grad and positive.dtype == work_dtype:
+        return positive.mul_(1.0 + lam_pos).addcmul_(negative, lam_neg.to(negative.dtype), value=-1.0)
+    # one fresh tensor, the subtraction in place on it (autograd-safe: mul's backward does not need its output)
+    combined = positive.to(work_dtype) * (1.0 + lam_pos)
+    combined.addcmul_(negative.to(work_dtype), lam_neg, value=-1.0)
     return combined.to(out_dtype)
 
 
@@ -204,11 +218,13 @@ def sdpa_gpam_attention(
     ``is_causal`` is SDPA's flag (top-left aligned; only meaningful with ``attention_mask=None`` and Tq == Tk).
     ``enable_gqa`` lets K and V have fewer heads than the queries (grouped-query attention), read without copies.
 
-    Two layouts, both without any T×T tensor:
-      * masks that differ per query row (causal training shapes, causal + padding): two kernel calls, which also
-        measure fastest for causal training shapes;
-      * no mask, or one mask row shared by all queries (decode steps, encoders, cross-attention, padding): one call
-        with [Q⁺; Q⁻] stacked along the query axis, which reads K and V once; the mask is passed as its single row.
+    Two layouts, neither with any T×T tensor:
+      * decode steps (one query row): one call with [Q⁺; Q⁻] stacked along the query axis, which reads the KV cache
+        once for both maps;
+      * everything else: two kernel calls, one per map. That measures fastest for causal training shapes, and at
+        long lengths it needs no (B, H, 2·Tq, D) stacked copies, so peak memory stays near the stock one.
+    A mask whose query rows are all the same row (transformers' padding masks for encoders and cross-attention are
+    expanded views of one (B, 1, 1, Tk) row) is passed as that row, never expanded or copied.
     Dropout, when on, is applied inside the kernel calls: entries of P⁺ and P⁻ are dropped independently. The
     expected output is the output without dropout, as with eager's single mask over P_G, but the variance per
     entry is p/(1−p)·Σ_j ((1+λ⁺)²P⁺² + (λ⁻)²P⁻²)·V² instead of p/(1−p)·Σ_j P_G²·V²: larger for λ⁻ ≥ 0, since
@@ -218,20 +234,25 @@ def sdpa_gpam_attention(
     """
     q_len = query.shape[-2]
     sdpa = F.scaled_dot_product_attention
-    if is_causal or not broadcasts_over_queries(attention_mask):
-        out_pos, out_neg = (
-            sdpa(q, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scaling,
-                 enable_gqa=enable_gqa)
-            for q in (query, query_neg)
-        )
-    else:
-        # one mask row, broadcast over the 2·Tq stacked queries (a view: nothing is copied)
-        mask = None if attention_mask is None else attention_mask[..., :1, :]
-        # (B, H, 2·Tq, D)
+    if attention_mask is not None and broadcasts_over_queries(attention_mask):
+        # one mask row shared by every query: a view of that row broadcasts over any number of queries
+        attention_mask = attention_mask[..., :1, :]
+    if q_len == 1 and not is_causal:
+        # (B, H, 2, D): both queries of a decode step in one call
         stacked = torch.cat([query, query_neg], dim=-2)
-        out = sdpa(stacked, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scaling, enable_gqa=enable_gqa)
+        out = sdpa(stacked, key, value, attn_mask=attention_mask, dropout_p=dropout_p, scale=scaling,
+                   enable_gqa=enable_gqa)
         out_pos, out_neg = out[..., :q_len, :], out[..., q_len:, :]
-    return combine_dual_attention(out_pos, out_neg, lambda_pos, lambda_neg)
+    else:
+        # the negative map first, so that Q⁻ (when the caller holds no other reference to it) is freed before the
+        # second kernel call: at inference one (B, H, Tq, D) buffer less at this layer's memory peak
+        out_neg = sdpa(query_neg, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal,
+                       scale=scaling, enable_gqa=enable_gqa)
+        del query_neg
+        out_pos = sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal,
+                       scale=scaling, enable_gqa=enable_gqa)
+    # the two kernel outputs are this function's own buffers
+    return combine_dual_attention(out_pos, out_neg, lambda_pos, lambda_neg, overwrite_positive=True)
 
 
 def reference_gpam_attention(
