@@ -60,6 +60,14 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention  # noqa: E402
 import hf_gpam  # noqa: E402
 
 
+try:
+    from hf_gpam.modeling.gpam_interface import gpam_attn_implementation
+except ImportError:
+    # release 0.1 (for before/after runs against it): its attention classes dispatched on the stock names themselves
+    def gpam_attn_implementation(name):
+        return name
+
+
 GPAM_OPTIONS = dict(gpam_lambda_init=0.5)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -196,7 +204,8 @@ def bench_module(implementation: str, shape: dict, *, warmup, repetitions, targe
     from hf_gpam.patching import gpam_config_from_stock
 
     gpam_config = gpam_config_from_stock(config, **GPAM_OPTIONS)
-    gpam_config._attn_implementation = implementation
+    # the registered daGPAM backend, as a GPAM model's config names it
+    gpam_config._attn_implementation = gpam_attn_implementation(implementation)
     convert_attention_module(gpam, GpamGPT2Attention, gpam_config)
     gpam.config = gpam_config
     hidden = torch.randn(batch, seq, heads * head_dim, requires_grad=True)
@@ -305,6 +314,110 @@ def bench_training_marian(shape: dict, *, warmup, repetitions, target) -> Row:
         f"Marian training step (fwd+bwd+AdamW, sdpa), {shape['layers']}+{shape['layers']} layers d={shape['d']} "
         f"{shape['heads']} heads vocab={shape['vocab']}, batch {shape['batch']} src/tgt {shape['src']}/{shape['tgt']}",
         step(stock), step(gpam), warmup=warmup, repetitions=repetitions, target=target, floor=floor,
+    )
+
+
+def smollm_config(shape: dict, **overrides):
+    """A Llama config with SmolLM2-135M's shape (random weights): 30 layers, d=576, 9 query / 3 K/V heads of 64."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        num_hidden_layers=shape["layers"], hidden_size=shape["d"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], head_dim=shape["d"] // shape["heads"],
+        intermediate_size=shape["d_ff"], vocab_size=shape["vocab"], max_position_embeddings=8192,
+        rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0, **overrides,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def bench_module_llama(shape: dict, *, warmup, repetitions, target) -> Row:
+    """One Llama attention module with SmolLM2-135M's shape (GQA 9/3 heads, RoPE), forward + backward, sdpa."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    config = smollm_config(shape)
+    torch.manual_seed(0)
+    stock = LlamaAttention(config, layer_idx=0)
+    gpam = copy.deepcopy(stock)
+    from hf_gpam.modeling.gpam_attention import convert_attention_module
+    from hf_gpam.patching import gpam_config_from_stock
+
+    gpam_class = hf_gpam.ARCHITECTURES["llama"].model_classes[
+        next(iter(hf_gpam.ARCHITECTURES["llama"].model_classes))
+    ].gpam_attention_class
+    gpam_config = gpam_config_from_stock(config, **GPAM_OPTIONS)
+    gpam_config._attn_implementation = gpam_attn_implementation("sdpa")
+    convert_attention_module(gpam, gpam_class, gpam_config)
+    gpam.config = gpam_config
+    batch, seq = shape["batch"], shape["T"]
+    hidden = torch.randn(batch, seq, shape["d"], requires_grad=True)
+    position_ids = torch.arange(seq)[None].expand(batch, seq)
+    position_embeddings = LlamaRotaryEmbedding(config)(hidden, position_ids)
+
+    def step(module):
+        def run():
+            module(hidden, position_embeddings=position_embeddings, attention_mask=None)[0].sum().backward()
+            hidden.grad = None
+            module.zero_grad(set_to_none=True)
+
+        return run
+
+    d, head_dim = shape["d"], shape["d"] // shape["heads"]
+    kv_width = shape["kv_heads"] * head_dim
+    # projections: Q and O (d×d), K and V (d×kv_width); core and Q⁻ as in the GPT-2 row
+    proj = 2 * (2 * d * d + 2 * d * kv_width)
+    floor = (proj + 2 * 4 * seq * d + 2 * head_dim * d) / (proj + 4 * seq * d)
+    return timed_row(
+        "module_llama_smollm",
+        f"Llama attention module fwd+bwd (sdpa, RoPE, GQA {shape['heads']}/{shape['kv_heads']} heads, D={head_dim}), "
+        f"SmolLM2-135M shape, B={batch} T={seq}, causal",
+        step(stock), step(gpam), warmup=warmup, repetitions=repetitions, target=target, floor=floor,
+    )
+
+
+def bench_training_llama(shape: dict, *, warmup, repetitions, target) -> Row:
+    """Training step of a Llama with SmolLM2-135M's shape (random weights): fwd, bwd, AdamW (sdpa)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    stock, gpam = stock_and_gpam(LlamaForCausalLM(smollm_config(shape)))
+    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["T"]))
+
+    def step(model):
+        return training_step(model, input_ids=ids, labels=ids)
+
+    return timed_row(
+        "train_llama_smollm",
+        f"Llama training step (fwd+bwd+AdamW, sdpa), SmolLM2-135M shape ({shape['layers']} layers d={shape['d']}, "
+        f"GQA {shape['heads']}/{shape['kv_heads']}), batch {shape['batch']} T={shape['T']}",
+        step(stock), step(gpam), warmup=warmup, repetitions=repetitions, target=target, floor=None,
+    )
+
+
+def bench_decode_llama(shape: dict, *, warmup, repetitions, target) -> Row:
+    """Greedy decoding with the KV cache of a Llama with SmolLM2-135M's shape (sdpa)."""
+    from transformers import LlamaForCausalLM
+
+    new_tokens, prompt = shape["new_tokens"], shape["prompt"]
+    torch.manual_seed(0)
+    stock, gpam = stock_and_gpam(LlamaForCausalLM(smollm_config(shape)).eval())
+    ids = torch.randint(1, shape["vocab"], (1, prompt))
+
+    def step(model):
+        @torch.no_grad()
+        def run():
+            out = model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            )
+            assert out.shape[-1] == prompt + new_tokens
+
+        return run
+
+    return timed_row(
+        "decode_llama_smollm",
+        f"Llama greedy decode with KV cache (sdpa), SmolLM2-135M shape ({shape['layers']} layers), prompt {prompt}, "
+        f"{new_tokens} new tokens",
+        step(stock), step(gpam), warmup=warmup, repetitions=repetitions, target=target, floor=None,
     )
 
 
@@ -473,6 +586,12 @@ SHAPES = {
         "decode": {"layers": 12, "d": 768, "heads": 12, "vocab": 50257, "prompt": 32, "new_tokens": 128},
         "train_marian": {"layers": 6, "d": 512, "heads": 8, "vocab": 32000, "src": 64, "tgt": 64, "batch": 8},
         "patch": {"layers": 12, "d": 768, "heads": 12, "vocab": 50257},
+        "smollm_module": {"layers": 30, "d": 576, "heads": 9, "kv_heads": 3, "d_ff": 1536, "vocab": 49152,
+                          "batch": 1, "T": 1024},
+        "smollm_train": {"layers": 30, "d": 576, "heads": 9, "kv_heads": 3, "d_ff": 1536, "vocab": 49152,
+                         "batch": 1, "T": 512},
+        "smollm_decode": {"layers": 30, "d": 576, "heads": 9, "kv_heads": 3, "d_ff": 1536, "vocab": 49152,
+                          "prompt": 32, "new_tokens": 64},
     },
     "quick": {
         "module": {"B": 2, "H": 12, "T": 256, "D": 64},
@@ -482,16 +601,23 @@ SHAPES = {
         "decode": {"layers": 2, "d": 256, "heads": 4, "vocab": 1000, "prompt": 16, "new_tokens": 16},
         "train_marian": {"layers": 2, "d": 256, "heads": 4, "vocab": 1000, "src": 32, "tgt": 32, "batch": 4},
         "patch": {"layers": 12, "d": 768, "heads": 12, "vocab": 50257},
+        "smollm_module": {"layers": 2, "d": 576, "heads": 9, "kv_heads": 3, "d_ff": 1536, "vocab": 1000,
+                          "batch": 1, "T": 256},
+        "smollm_train": {"layers": 2, "d": 576, "heads": 9, "kv_heads": 3, "d_ff": 1536, "vocab": 1000,
+                         "batch": 1, "T": 128},
+        "smollm_decode": {"layers": 2, "d": 576, "heads": 9, "kv_heads": 3, "d_ff": 1536, "vocab": 1000,
+                          "prompt": 16, "new_tokens": 16},
     },
 }
 
 TARGETS = {
     "module_sdpa": 1.55, "module_eager": 1.35, "memory_forward": 1.05, "memory_padded_encoder": 1.05, "train_gpt2": 1.12, "decode_gpt2": 1.06,
     "train_marian": 1.10, "patch_model": 1.01,
+    "module_llama_smollm": 1.55, "train_llama_smollm": 1.15, "decode_llama_smollm": 1.06,
 }
 
 ALL_BENCHMARKS = ("module_sdpa", "module_eager", "memory_forward", "memory_padded_encoder", "train_gpt2", "decode_gpt2", "train_marian",
-                  "patch_model", "compile")
+                  "patch_model", "compile", "module_llama_smollm", "train_llama_smollm", "decode_llama_smollm")
 
 
 def run_all(quick: bool, only: list[str], repetitions: int | None) -> list[Row]:
@@ -506,6 +632,12 @@ def run_all(quick: bool, only: list[str], repetitions: int | None) -> list[Row]:
                                target=TARGETS[name])
         elif name == "memory_forward":
             row = bench_memory(shapes["memory"], repetitions=max(2, reps // 4), target=TARGETS[name])
+        elif name == "module_llama_smollm":
+            row = bench_module_llama(shapes["smollm_module"], warmup=warmup, repetitions=reps, target=TARGETS[name])
+        elif name == "train_llama_smollm":
+            row = bench_training_llama(shapes["smollm_train"], warmup=warmup, repetitions=reps, target=TARGETS[name])
+        elif name == "decode_llama_smollm":
+            row = bench_decode_llama(shapes["smollm_decode"], warmup=warmup, repetitions=reps, target=TARGETS[name])
         elif name == "memory_padded_encoder":
             row = bench_memory(shapes["memory_padded"], repetitions=max(2, reps // 4), target=TARGETS[name], name=name)
         elif name == "train_gpt2":
