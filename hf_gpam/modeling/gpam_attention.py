@@ -9,6 +9,8 @@ their daGPAM layers.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -70,6 +72,25 @@ class GpamLambda(nn.Module):
         return f"num_heads={self.weight.shape[-1]}, tied={self.tied}, trainable={self.trainable}"
 
 
+def hand_on_rotary_embeddings(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of RoPE-family daGPAM modules: under ``gpam_rope_variant="relative"``, add the stock forward's
+    ``position_embeddings=(cos, sin)`` as the ``gpam_position_embeddings`` keyword.
+
+    The stock forward passes its other keywords on to the attention function, which builds Q⁻ from the unrotated
+    query with them (``gpam_interface.negative_query``). A keyword rather than state kept on the module: nothing
+    outlives the call, so the KV cache, gradient checkpointing's recomputation and ``torch.compile`` see a plain
+    function of the inputs, and the stock forward is not copied.
+    """
+    if getattr(module, "gpam_rope_variant", None) != "relative":
+        return None
+    position_embeddings = kwargs.get("position_embeddings")
+    if position_embeddings is None:
+        # every family in the table passes it by keyword; a positional caller is found through the signature
+        position = list(inspect.signature(type(module).forward).parameters).index("position_embeddings") - 1
+        position_embeddings = args[position] if len(args) > position else None
+    return args, {**kwargs, "gpam_position_embeddings": position_embeddings}
+
+
 def query_head_count(module: nn.Module) -> int:
     """The number of query heads H of a transformers attention module (attribute names differ by family)."""
     for name in ("num_heads", "num_attention_heads"):
@@ -98,10 +119,22 @@ class GpamAttentionMixin:
         initializer_range: float,
         device: torch.device,
         dtype: torch.dtype,
+        rope_variant: str = "literal",
     ) -> None:
-        """Create and initialise ``gpam_q_neg`` (on ``device`` in ``dtype``) and ``gpam_lambda`` (float32)."""
+        """Create and initialise ``gpam_q_neg`` (on ``device`` in ``dtype``) and ``gpam_lambda`` (float32).
+
+        ``rope_variant`` (``gpam_rope_variant``) is kept on the module for the attention function; modules whose
+        family has no rotary embeddings never read it.
+        """
         if negative_init not in ("neg_identity", "normal"):
             raise ValueError(f"gpam_negative_init={negative_init!r} is not one of 'neg_identity', 'normal'")
+        if rope_variant not in ("relative", "literal"):
+            raise ValueError(f"gpam_rope_variant={rope_variant!r} is not one of 'relative', 'literal'")
+        self.gpam_rope_variant = rope_variant
+        # a RoPE family: the stock forward rotates Q̃ and K with position_embeddings=(cos, sin)
+        self.gpam_rotary = "position_embeddings" in inspect.signature(type(self).forward).parameters
+        if self.gpam_rotary:
+            self.register_forward_pre_hook(hand_on_rotary_embeddings, with_kwargs=True)
         self.gpam_lambda_pos_init = finite_float("gpam_lambda_init", lambda_init)
         self.gpam_lambda_neg_init = (
             self.gpam_lambda_pos_init
@@ -159,4 +192,5 @@ def convert_attention_module(module: nn.Module, gpam_class: type, config) -> Non
         initializer_range=config.initializer_range if hasattr(config, "initializer_range") else config.init_std,
         device=reference.device,
         dtype=reference.dtype,
+        rope_variant=config.gpam_rope_variant,
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 GPAM_MODES = ("dagpam", "softmax")
 GPAM_NEGATIVE_INITS = ("neg_identity", "normal")
 GPAM_ATTENTION_TYPES = ("self", "cross")
+GPAM_ROPE_VARIANTS = ("relative", "literal")
 
 
 def finite_float(name: str, value) -> float:
@@ -62,6 +63,18 @@ class GpamConfigFields:
         default_factory=lambda: list(GPAM_ATTENTION_TYPES),
         metadata={"help": "Which attention kinds use daGPAM: a non-empty subset of ['self', 'cross']."},
     )
+    gpam_rope_variant: str = field(
+        default="relative",
+        metadata={
+            "help": "Where Q⁻ meets rotary position embeddings (RoPE), in families that have them. 'relative': "
+            "Q⁻ = RoPE(ReLU(Q̃)W⁻), built from the query Q̃ before rotation and rotated with the same positions, so "
+            "P⁻, like P⁺, depends on positions only through i − j. 'literal': the spec read literally, "
+            "Q⁻ = ReLU(Q⁺)W⁻ from the rotated query Q⁺ = RoPE(Q̃), so P⁻ also depends on absolute positions. "
+            "Partial rotary (GPT-NeoX rotary_pct, Phi-3 partial_rotary_factor) rotates only the rotary dims, as "
+            "stock does. Ignored by families without RoPE (GPT-2, BART, Marian, OPT). See docs/rope.md for the "
+            "measurement behind the default."
+        },
+    )
 
     def __post_init__(self, **kwargs):
         # a stock config.json read into a GPAM config carries the stock model_type; the class's own must win, or
@@ -103,6 +116,11 @@ class GpamConfigFields:
             raise ValueError(
                 f"gpam_negative_init={self.gpam_negative_init!r} is not one of "
                 f"{', '.join(map(repr, GPAM_NEGATIVE_INITS))}"
+            )
+        if self.gpam_rope_variant not in GPAM_ROPE_VARIANTS:
+            raise ValueError(
+                f"gpam_rope_variant={self.gpam_rope_variant!r} is not one of "
+                f"{', '.join(map(repr, GPAM_ROPE_VARIANTS))}"
             )
         self._check_gpam_layers()
         types = self.gpam_attention_types

@@ -62,6 +62,9 @@ KEYWORD_POLICY = {
     # the Trainer's loss-normalisation count and labels travel with the model's **kwargs down to attention
     "num_items_in_batch": "ignored",
     "labels": "ignored",
+    # (cos, sin) the stock forward rotated the query with, handed on by the GPAM attention class of a RoPE family
+    # when gpam_rope_variant="relative" (see negative_query)
+    "gpam_position_embeddings": "applied",
     "s_aux": "refused",
     "sinks": "refused",
     "position_bias": "refused",
@@ -143,16 +146,75 @@ def _key_value_groups(query: torch.Tensor, key: torch.Tensor) -> int:
     return heads // kv_heads
 
 
-def negative_query(module: torch.nn.Module, query: torch.Tensor, upcast: bool = False) -> torch.Tensor:
-    """Q⁻ = ReLU(Q⁺) W⁻, (B, H, Tq, D), through the module call so that wrappers (PEFT's LoRA) take part.
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # the rotary layout of every RoPE family in the table: dims i and i + R/2 form one rotated pair
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """RoPE (or its inverse) on the first R = ``cos.shape[-1]`` dims of ``query`` (B, H, T, D); the rest pass through.
+
+    ``cos`` and ``sin`` are (B, T, R), as a stock rotary embedding returns them; R < D is partial rotary (GPT-NeoX
+    ``rotary_pct``, Phi-3 ``partial_rotary_factor``). RoPE scales each pair by a = √(cos² + sin²) (1 for plain RoPE,
+    the attention factor of YaRN-style scalings), so the inverse rotates back and divides by a², which undoes the
+    forward map exactly up to rounding.
+    """
+    rotary = cos.shape[-1]
+    # (B, T, R) -> (B, 1, T, R): the same angles for every head
+    cos, sin = cos.unsqueeze(1).to(query.dtype), sin.unsqueeze(1).to(query.dtype)
+    rot, passed = query[..., :rotary], query[..., rotary:]
+    if inverse:
+        rotated = (rot * cos - _rotate_half(rot) * sin) / (cos * cos + sin * sin)
+    else:
+        rotated = rot * cos + _rotate_half(rot) * sin
+    return rotated if rotary == query.shape[-1] else torch.cat((rotated, passed), dim=-1)
+
+
+def negative_query(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    upcast: bool = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Q⁻, (B, H, Tq, D), through the module call so that wrappers (PEFT's LoRA) take part.
+
+    Without ``position_embeddings``: Q⁻ = ReLU(Q⁺) W⁻ from the query as it enters the softmax (the spec, and
+    ``gpam_rope_variant="literal"`` in RoPE families). With the ``(cos, sin)`` the stock forward rotated the query
+    with (``gpam_rope_variant="relative"``): Q̃ = RoPE⁻¹(Q⁺) is the query before rotation, and
+    Q⁻ = RoPE(ReLU(Q̃) W⁻) is rotated with the same positions as Q⁺ and K, so P⁻ depends on i − j only, like P⁺.
 
     With ``upcast`` (GPT-2's ``reorder_and_upcast_attn``) the projection runs outside autocast in the weight's
     precision: Q⁻ feeds the negative map's scores, which that option computes in float32.
     """
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        unrotated = rotate_query(query, cos, sin, inverse=True)
+        return rotate_query(module.gpam_q_neg(F.relu(unrotated)), cos, sin)
     if not upcast:
         return module.gpam_q_neg(F.relu(query))
     with torch.autocast(query.device.type, enabled=False):
         return module.gpam_q_neg(F.relu(query).to(module.gpam_q_neg.weight.dtype))
+
+
+def relative_position_embeddings(module: torch.nn.Module, applied: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(cos, sin)`` that Q⁻ must be rotated with, or None for Q⁻ = ReLU(Q⁺) W⁻.
+
+    On a RoPE family's module (``gpam_rotary``) with ``gpam_rope_variant="relative"``, a forward pre-hook
+    (``gpam_attention.hand_on_rotary_embeddings``) hands them on as ``gpam_position_embeddings``; families without
+    RoPE ignore the variant.
+    """
+    if getattr(module, "gpam_rope_variant", "literal") != "relative" or not getattr(module, "gpam_rotary", False):
+        return None
+    position_embeddings = applied.get("gpam_position_embeddings")
+    if position_embeddings is None:
+        raise ValueError(
+            f"gpam_rope_variant='relative' needs the rotary embeddings (cos, sin) the stock {type(module).__name__} "
+            "rotates the query with, and none reached the attention function (the module was called without "
+            "position_embeddings, or its class does not hand them on). Pass position_embeddings, or use "
+            "gpam_rope_variant='literal'."
+        )
+    return position_embeddings
 
 
 _STOCK_EAGER_FUNCTIONS: dict[type, Callable] = {}
@@ -207,7 +269,7 @@ def gpam_eager_attention_forward(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     upcast = bool(getattr(module, "reorder_and_upcast_attn", False))
     # Q⁻ from Q⁺ before K and V are repeated; repeat_kv is what stock eager functions do for grouped-query heads
-    query_neg = negative_query(module, query, upcast)
+    query_neg = negative_query(module, query, upcast, relative_position_embeddings(module, applied))
     groups = _key_value_groups(query, key)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     lambda_pos, lambda_neg = module.gpam_lambda()
@@ -255,7 +317,8 @@ def gpam_sdpa_attention_forward(
     lambda_pos, lambda_neg = module.gpam_lambda()
     # Q⁻ is handed over without a name here, so the kernel can free it after its use (see sdpa_gpam_attention)
     output = sdpa_gpam_attention(
-        query, key, value, negative_query(module, query), lambda_pos, lambda_neg,
+        query, key, value, negative_query(module, query, position_embeddings=relative_position_embeddings(module, applied)),
+        lambda_pos, lambda_neg,
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         attention_mask=attention_mask, is_causal=is_causal, dropout_p=dropout, enable_gqa=enable_gqa,
     )
