@@ -22,7 +22,8 @@ import torch
 from safetensors import SafetensorError
 
 from .cli import check_model_source, unreadable_weights
-from .diagnostics import SUPPORTED_MODEL_TYPES, attention_components, diagnose_model, max_positions, model_family
+from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types
+from .diagnostics import attention_components, diagnose_model, max_positions, model_family
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,12 +73,14 @@ def load_model_and_tokenizer(name: str, tokenizer_name: str | None = None):
             f"cannot load a model config from {name!r} ({type(error).__name__}: {error}). Pass a folder written by "
             "save_pretrained or a Hub id (Hub ids need network access; HF_HUB_OFFLINE=1 allows local folders only)."
         ) from error
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    architecture = ARCHITECTURES.get(config.model_type) or GPAM_MODEL_TYPES.get(config.model_type)
+    if architecture is None:
         raise ValueError(
-            f"{name!r} is a {config.model_type!r} model; hf-gpam diagnose supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{name!r} is a {config.model_type!r} model; hf-gpam diagnose supports {supported_model_types()} "
+            "(stock or GPAM)"
         )
-    auto_class = AutoModelForCausalLM if config.model_type in ("gpt2", "gpam_gpt2") else AutoModelForSeq2SeqLM
+    # the head whose loss sends gradients into every query weight: the LM head of the row's task
+    auto_class = AutoModelForSeq2SeqLM if architecture.task == "seq2seq-lm" else AutoModelForCausalLM
     try:
         model = auto_class.from_pretrained(name, trust_remote_code=True, attn_implementation="eager").eval()
     except SafetensorError as error:
@@ -91,7 +94,7 @@ def load_model_and_tokenizer(name: str, tokenizer_name: str | None = None):
             "--tokenizer"
         ) from error
     if tokenizer.pad_token is None:
-        # GPT-2 has no pad token; padded positions are masked out of every statistic anyway
+        # GPT-2 (and a BPE trained like its tokenizer) has no pad token; padding is left out of every statistic
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 

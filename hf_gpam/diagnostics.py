@@ -1,9 +1,11 @@
 """Measurements behind the paper's claim: rank collapse of token representations, gradients into the query/key
-weights, and the shape of the (signed) attention maps, per layer, for any GPT-2 / BART / Marian model.
+weights, and the shape of the (signed) attention maps, per layer, for any architecture of ``hf_gpam.ARCHITECTURES``
+(GPT-2, BART, Marian and the decoder families: Llama, Mistral, Qwen2/3, Gemma2/3, Phi-3, GPT-NeoX, OPT, OLMo2).
 
 Stock models, hf_gpam models and checkpoints loaded with ``trust_remote_code=True`` are all handled the same way:
-the code finds the blocks and attention modules by the architecture's attribute names and recognises daGPAM
-modules by duck typing (an attention module with ``gpam_lambda`` and ``gpam_q_neg``), never by ``isinstance``.
+the blocks, attention modules and query / key weights are found by the attribute names of the model's row in the
+architecture table (``block_stacks``, ``attention_modules``, ``query_key_weights``), and daGPAM modules are
+recognised by duck typing (an attention module with ``gpam_lambda`` and ``gpam_q_neg``), never by ``isinstance``.
 
 Metrics (per sequence over its non-padding tokens, then averaged over the batch):
 
@@ -20,9 +22,10 @@ Metrics (per sequence over its non-padding tokens, then averaged over the batch)
   (the usual entropy; uniform over T keys gives log T); for signed daGPAM maps it is the entropy of the absolute
   weights, since the entropy of a signed map is undefined.
 - ``negative_mass``: Σ_j max(−P_ij, 0) / Σ_j |P_ij| per query row (0 for softmax).
-- gradient norms ‖∂L/∂W_Q‖_F, ‖∂L/∂W_K‖_F (GPT-2: the first / second third of ``c_attn``'s output columns, its
-  weight being (in, 3·out); cross-attention: ``q_attn`` and the first half of ``c_attn``; BART/Marian:
-  ``q_proj`` / ``k_proj``) and ‖∂L/∂W⁻‖_F for ``gpam_q_neg``, after one backward pass of the model's loss.
+- gradient norms ‖∂L/∂W_Q‖_F, ‖∂L/∂W_K‖_F and ‖∂L/∂W⁻‖_F for ``gpam_q_neg``, after one backward pass of the
+  model's loss. W_Q and W_K are the query / key blocks of fused projections where the family fuses them (GPT-2's
+  ``c_attn``, Phi-3's ``qkv_proj``, GPT-NeoX's per-head ``query_key_value``; see ``QueryKeyWeights``); with
+  grouped-query attention W_K has ``num_key_value_heads · d_head`` outputs.
 """
 
 from __future__ import annotations
@@ -33,15 +36,19 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.pytorch_utils import Conv1D
+
+from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, QueryKeyWeights, architecture_of
+from .modeling.gpam_interface import negative_query, relative_position_embeddings
 from .modeling.gpam_ops import reference_gpam_attention
 
 
-GPT2_FAMILY = ("gpt2", "gpam_gpt2")
-SEQ2SEQ_FAMILY = ("bart", "gpam_bart", "marian", "gpam_marian")
-SUPPORTED_MODEL_TYPES = GPT2_FAMILY + SEQ2SEQ_FAMILY
+# stock and GPAM model types diagnostics accept: every row of the architecture table
+SUPPORTED_MODEL_TYPES = (*ARCHITECTURES, *GPAM_MODEL_TYPES)
 HIDDEN_METRICS = ("residual_fro", "residual_l1inf", "mean_cosine")
 ATTENTION_METRICS = ("entropy", "negative_mass", "query_grad_norm", "key_grad_norm", "q_neg_grad_norm")
 
@@ -267,13 +274,14 @@ def negative_mass(probs: torch.Tensor, query_mask: torch.Tensor | None = None) -
 
 @dataclass(frozen=True)
 class AttentionSite:
-    """One attention module: ``stack`` ("decoder" for GPT-2, "encoder"/"decoder" for BART/Marian), ``layer``,
-    ``kind`` ("self"/"cross") and the module itself."""
+    """One attention module: ``stack`` ("decoder" for decoder-only models, "encoder"/"decoder" for BART/Marian),
+    ``layer``, ``kind`` ("self"/"cross"), the module itself, and where its W_Q and W_K are."""
 
     stack: str
     layer: int
     kind: str
     module: nn.Module
+    weights: QueryKeyWeights = QueryKeyWeights()
 
     @property
     def name(self) -> str:
@@ -281,15 +289,10 @@ class AttentionSite:
 
 
 def model_family(model: nn.Module) -> str:
-    """``"gpt2"`` or ``"seq2seq"`` from ``model.config.model_type``; raises ``ValueError`` for anything else."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in GPT2_FAMILY:
-        return "gpt2"
-    if model_type in SEQ2SEQ_FAMILY:
-        return "seq2seq"
-    raise ValueError(
-        f"diagnostics: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-    )
+    """``"seq2seq"`` for an encoder-decoder model, ``"decoder"`` for a decoder-only one; raises ``ValueError`` for a
+    model whose ``model_type`` is not in the architecture table."""
+    architecture_of(unwrap_peft(model))
+    return "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "decoder"
 
 
 def is_gpam_attention(module: nn.Module) -> bool:
@@ -303,12 +306,18 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
+def _attribute_path(root: nn.Module, path: str):
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
 def block_stacks(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The transformer blocks of each stack in order: ``{"decoder": [...]}`` (GPT-2) or encoder and decoder."""
-    body = unwrap_peft(model).base_model
-    if model_family(model) == "gpt2":
-        return {"decoder": list(body.h)}
-    return {"encoder": list(body.encoder.layers), "decoder": list(body.decoder.layers)}
+    """The transformer blocks of each stack in order: ``{"decoder": [...]}`` for decoder-only models, encoder and
+    decoder for BART/Marian; the paths come from the row's ``block_stacks``."""
+    model = unwrap_peft(model)
+    body = model.base_model
+    return {stack: list(_attribute_path(body, path)) for stack, path in architecture_of(model).block_stacks.items()}
 
 
 def attention_sites(model: nn.Module) -> list[AttentionSite]:
@@ -324,17 +333,15 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     ['encoder.0.self', 'encoder.1.self', 'decoder.0.self']
     ```
     """
+    architecture = architecture_of(unwrap_peft(model))
     sites = []
     for stack, blocks in block_stacks(model).items():
         for layer, block in enumerate(blocks):
-            if model_family(model) == "gpt2":
-                sites.append(AttentionSite(stack, layer, "self", block.attn))
-                if hasattr(block, "crossattention"):
-                    sites.append(AttentionSite(stack, layer, "cross", block.crossattention))
-            else:
-                sites.append(AttentionSite(stack, layer, "self", block.self_attn))
-                if hasattr(block, "encoder_attn"):
-                    sites.append(AttentionSite(stack, layer, "cross", block.encoder_attn))
+            for kind, attribute in architecture.attention_modules.items():
+                # BART's encoder blocks and GPT-2 blocks without add_cross_attention have no cross-attention
+                module = getattr(block, attribute, None)
+                if module is not None:
+                    sites.append(AttentionSite(stack, layer, kind, module, architecture.query_key_weights[kind]))
     return sites
 
 
@@ -342,26 +349,49 @@ def _grad_norm(tensor: torch.Tensor | None) -> float | None:
     return None if tensor is None else float(tensor.detach().to(torch.float64).norm())
 
 
-def query_key_gradients(site: AttentionSite) -> dict[str, torch.Tensor | None]:
+def _head_counts(config) -> tuple[int, int]:
+    # (query heads, key/value heads); GPT-2's n_head and the decoder families' num_attention_heads alike
+    heads = config.num_attention_heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
+def _projection_block(site: AttentionSite, role: str, config) -> torch.Tensor | None:
+    # the gradient of W_Q (role "query") or W_K ("key") as an (outputs, inputs) matrix, None before any backward
+    weights = site.weights
+    projection = getattr(site.module, getattr(weights, role))
+    grad = projection.weight.grad
+    if grad is None:
+        return None
+    # Conv1D (GPT-2) stores its weight as (in, out)
+    grad = grad.T if isinstance(projection, Conv1D) else grad
+    if role not in weights.fused:
+        return grad
+    heads, kv_heads = _head_counts(config)
+    if weights.per_head:
+        # (H·parts·D, in) -> (H, parts, D, in): every head holds one block of each part
+        per_head = grad.view(heads, len(weights.fused), -1, grad.shape[-1])
+        return per_head[:, weights.fused.index(role)].reshape(-1, grad.shape[-1])
+    # stacked blocks: the query block has H heads, key and value blocks H_kv heads, of d_head outputs each
+    widths = [heads if part == "query" else kv_heads for part in weights.fused]
+    head_dim = grad.shape[0] // sum(widths)
+    sizes = [width * head_dim for width in widths]
+    return grad.split(sizes, dim=0)[weights.fused.index(role)]
+
+
+def query_key_gradients(site: AttentionSite, config) -> dict[str, torch.Tensor | None]:
     """The gradients currently stored for the site's query weight, key weight and W⁻ (None where absent).
 
-    GPT-2's ``c_attn`` is a ``Conv1D`` with weight (in, 3·out) = [W_Q | W_K | W_V] along the output columns
-    (cross-attention: ``q_attn`` holds W_Q and ``c_attn`` = [W_K | W_V]). BART/Marian use ``q_proj``/``k_proj``.
+    W_Q and W_K are read where the row's ``QueryKeyWeights`` says: separate projections (``q_proj`` / ``k_proj``),
+    or their blocks of a fused projection (GPT-2's ``c_attn`` Conv1D, Phi-3's stacked ``qkv_proj``, GPT-NeoX's
+    per-head ``query_key_value``), returned as (outputs, inputs) matrices. ``config`` gives the head counts.
     """
     module = site.module
-    if hasattr(module, "c_attn"):
-        grad = module.c_attn.weight.grad
-        width = module.embed_dim
-        if site.kind == "cross":
-            query = module.q_attn.weight.grad
-            key = None if grad is None else grad[:, :width]
-        else:
-            query = None if grad is None else grad[:, :width]
-            key = None if grad is None else grad[:, width : 2 * width]
-    else:
-        query, key = module.q_proj.weight.grad, module.k_proj.weight.grad
     q_neg = module.gpam_q_neg.weight.grad if is_gpam_attention(module) else None
-    return {"query": query, "key": key, "q_neg": q_neg}
+    return {
+        "query": _projection_block(site, "query", config),
+        "key": _projection_block(site, "key", config),
+        "q_neg": q_neg,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -549,7 +579,8 @@ def diagnose_model(
     (``loss_source="surrogate"``).
 
     Args:
-        model: a GPT-2 / BART / Marian model, stock, hf_gpam or remote code (``model_type`` decides).
+        model: a model of any architecture in ``hf_gpam.ARCHITECTURES``, stock, hf_gpam or remote code
+            (``model_type`` decides).
         input_ids: (N, T) token ids; attention_mask: (N, T), 0 for padding (excluded from every statistic).
         labels: (N, T') targets, -100 to ignore (for BART/Marian the decoder side; its -100 positions are
             excluded from the decoder statistics).
@@ -593,7 +624,7 @@ def diagnose_model(
                 last = outputs.last_hidden_state
                 loss, loss_source = 0.5 * last.float().pow(2).sum(-1).mean(), "surrogate"
             loss.backward()
-        gradients = {site.name: query_key_gradients(site) for site in sites}
+        gradients = {site.name: query_key_gradients(site, model.config) for site in sites}
         maps = _attention_maps(outputs, family)
     finally:
         for parameter, grad in saved_grads.items():
@@ -650,8 +681,8 @@ def diagnose_model(
 
 
 def _attention_maps(outputs, family: str) -> dict[tuple[str, str], tuple[torch.Tensor, ...]]:
-    # (stack, kind) -> one (N, H, Tq, Tk) map per layer
-    if family == "gpt2":
+    # (stack, kind) -> one (N, H, Tq, Tk) map per layer, under transformers' output names
+    if family == "decoder":
         names = {("decoder", "self"): "attentions", ("decoder", "cross"): "cross_attentions"}
     else:
         names = {
@@ -672,23 +703,43 @@ def _attention_maps(outputs, family: str) -> dict[tuple[str, str], tuple[torch.T
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _split_heads(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
-    # (N, T, H·D) -> (N, H, T, D)
-    return tensor.view(*tensor.shape[:-1], -1, head_dim).transpose(1, 2)
+@contextmanager
+def capture_attention_call(module: nn.Module) -> Iterator[dict]:
+    """Record what ``module`` hands to its attention function during the forward passes run inside the block.
 
+    Every attention module of the table's families (and of remote code, which imports the same object) gets its
+    attention function from ``ALL_ATTENTION_FUNCTIONS.get_interface(...)`` right after its projections, q/k norms,
+    rotary embeddings and cache update. Wrapping that lookup for the duration of the block captures the query (Q⁺
+    exactly as it enters the softmax), key, value, mask, scaling and keywords of ``module``'s call, whatever the
+    family does before it: fused projections, grouped-query heads, partial rotary, q/k norms. Nothing is re-projected
+    by hand, so the recomputation cannot drift from the module. Calls of other modules pass through untouched.
 
-def _project(site: AttentionSite, hidden: torch.Tensor, source: torch.Tensor | None):
-    module = site.module
-    if hasattr(module, "c_attn"):
-        if site.kind == "cross":
-            query = module.q_attn(hidden)
-            key, value = module.c_attn(source).split(module.split_size, dim=2)
-        else:
-            query, key, value = module.c_attn(hidden).split(module.split_size, dim=2)
-    else:
-        source = hidden if source is None else source
-        query, key, value = module.q_proj(hidden), module.k_proj(source), module.v_proj(source)
-    return (_split_heads(t, module.head_dim) for t in (query, key, value))
+    Yields a dict filled with ``query``, ``key``, ``value``, ``attention_mask``, ``scaling`` and ``kwargs`` of the
+    last call (query (N, H, Tq, D), key and value (N, H_kv, Tk, D)).
+    """
+    captured: dict = {}
+    lookup = ALL_ATTENTION_FUNCTIONS.get_interface
+
+    def capturing_lookup(attn_implementation, default):
+        function = lookup(attn_implementation, default)
+
+        def attention(called_module, query, key, value, attention_mask, *args, **kwargs):
+            if called_module is module:
+                scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+                captured.update(
+                    query=query, key=key, value=value, attention_mask=attention_mask, scaling=scaling,
+                    kwargs={k: v for k, v in kwargs.items() if k not in ("dropout", "scaling")},
+                )
+            return function(called_module, query, key, value, attention_mask, *args, **kwargs)
+
+        return attention
+
+    # an instance attribute shadows the method for this object only, and deleting it restores the method
+    ALL_ATTENTION_FUNCTIONS.get_interface = capturing_lookup
+    try:
+        yield captured
+    finally:
+        del ALL_ATTENTION_FUNCTIONS.get_interface
 
 
 @torch.no_grad()
@@ -704,11 +755,15 @@ def attention_components(
 ) -> dict[str, torch.Tensor | None]:
     """P⁺, P⁻ and P_G of one attention module, recomputed in float64 from the inputs the module received.
 
-    A hook captures the module's inputs during a forward pass (eager backend, so the mask it gets is the full
-    one); Q⁺, K and V are recomputed with the module's own projections and Q⁻ = ``gpam_q_neg(ReLU(Q⁺))`` through
-    the module, as the forward computes it, so adapters on W⁻ (PEFT LoRA) are included; the two softmax maps are
-    computed in float64 by ``reference_gpam_attention``'s rules. A PEFT-wrapped model can be passed as is. For a
-    softmax module ``p_neg`` is None and ``p_gpam`` equals ``p_pos``.
+    One forward pass runs on the eager backend (so the mask is the full one) with ``capture_attention_call``
+    recording the query, key, value, mask and keywords the module hands to its attention function: Q⁺ and K are
+    the module's own, after its projections (fused or not), q/k norms and rotary embeddings, with its K/V heads
+    (grouped-query attention: repeated to the query heads here, as the eager functions do). Q⁻ is computed by the
+    attention function's own ``negative_query`` from that Q⁺ and the same keywords (``gpam_rope_variant``: RoPE
+    applied to ReLU(Q̃)W⁻ or not), through ``gpam_q_neg``, so adapters on W⁻ (PEFT LoRA) are included. The two
+    softmax maps are computed in float64 by ``reference_gpam_attention``'s rules, with the module's scaling and
+    soft-capping. A PEFT-wrapped model can be passed as is. For a softmax module ``p_neg`` is None and ``p_gpam``
+    equals ``p_pos``.
 
     Returns:
         ``{"p_pos", "p_neg", "p_gpam"}`` of shape (N, H, Tq, Tk), plus ``"lambda_pos"``/``"lambda_neg"`` (H,)
@@ -726,7 +781,6 @@ def attention_components(
     (torch.Size([1, 4, 6, 6]), True)
     ```
     """
-    family = model_family(model)
     matches = [s for s in attention_sites(model) if (s.stack, s.layer, s.kind) == (stack, layer, kind)]
     if not matches:
         available = ", ".join(s.name for s in attention_sites(model))
@@ -737,31 +791,31 @@ def attention_components(
     pad_token_id = getattr(model.config, "pad_token_id", None) or 0
     kwargs, masks = _prepare_inputs(model, input_ids, attention_mask, labels, pad_token_id)
     kwargs = {k: v.to(device) for k, v in kwargs.items()}
-    captured = {}
-
-    def hook(module, args, hook_kwargs):
-        captured["hidden"] = args[0] if args else hook_kwargs["hidden_states"]
-        captured["source"] = hook_kwargs.get("key_value_states", hook_kwargs.get("encoder_hidden_states"))
-        mask = hook_kwargs.get("attention_mask")
-        if family == "gpt2" and kind == "cross":
-            mask = hook_kwargs.get("encoder_attention_mask")
-        captured["mask"] = mask
-
+    module = site.module
     was_training = model.training
     model.eval()
-    handle = site.module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with attn_implementation(model, "eager"):
+        with attn_implementation(model, "eager"), capture_attention_call(module) as captured:
             model(**kwargs, use_cache=False)
     finally:
-        handle.remove()
         model.train(was_training)
+    if not captured:
+        raise ValueError(
+            f"{site.name}: {type(module).__name__} did not call transformers' attention interface in the forward "
+            "pass (e.g. GPT-2 with reorder_and_upcast_attn on the stock eager backend), so its maps cannot be captured"
+        )
 
-    query, key, value = _project(site, captured["hidden"], captured["source"])
-    module = site.module
+    query, key, value = captured["query"], captured["key"], captured["value"]
+    # grouped-query attention: H query heads share H_kv key/value heads, repeated as eager attention does
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     # transformers hands eager a full mask; causality is added only if it did not (as the modules do)
-    mask = captured["mask"]
-    is_causal = bool(getattr(module, "is_causal", False)) and mask is None and query.shape[-2] > 1
+    mask = captured["attention_mask"]
+    is_causal = captured["kwargs"].get("is_causal")
+    is_causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
+    is_causal = bool(is_causal) and mask is None and query.shape[-2] > 1
+    scaling = query.shape[-1] ** -0.5 if captured["scaling"] is None else captured["scaling"]
+    softcap = captured["kwargs"].get("softcap")
 
     def softmax_map(queries: torch.Tensor) -> torch.Tensor:
         # the float64 reference with λ = 0 is exactly one softmax map under the modules' mask conventions
@@ -769,15 +823,16 @@ def attention_components(
         unused_weight = torch.zeros(queries.shape[-1], queries.shape[-1], device=queries.device)
         return reference_gpam_attention(
             queries, key, value, unused_weight, no_lambda, no_lambda,
-            scaling=module.scaling, attention_mask=mask, is_causal=is_causal,
+            scaling=scaling, attention_mask=mask, is_causal=is_causal, softcap=softcap,
         )["p_pos"]
 
     p_pos = softmax_map(query)
     if not is_gpam_attention(module):
         return {"p_pos": p_pos, "p_neg": None, "p_gpam": p_pos, "lambda_pos": None, "lambda_neg": None,
                 "query_mask": masks[stack]}
-    # Q⁻ through the module, as the forward computes it: a PEFT LoRA on gpam_q_neg (or any wrapper) is part of W⁻
-    p_neg = softmax_map(module.gpam_q_neg(F.relu(query)))
+    # Q⁻ as the attention function computes it, through the module: a LoRA on gpam_q_neg is part of W⁻
+    position_embeddings = relative_position_embeddings(module, captured["kwargs"])
+    p_neg = softmax_map(negative_query(module, query, position_embeddings=position_embeddings))
     weight = module.gpam_lambda.weight.detach()
     lambda_pos, lambda_neg = (weight, weight) if weight.dim() == 1 else (weight[0], weight[1])
     # (H,) -> (1, H, 1, 1) against the (N, H, Tq, Tk) maps

@@ -11,10 +11,11 @@ import os
 
 import pytest
 import torch
-from transformers import BartForConditionalGeneration, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, BartForConditionalGeneration, GPT2LMHeadModel
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from hf_gpam import GpamBartForConditionalGeneration, GpamGPT2LMHeadModel
+from hf_gpam.architectures import DECODER_FAMILIES
 from hf_gpam.cli import main as cli_main
 from hf_gpam.diagnostics import (
     ModelDiagnostics,
@@ -314,6 +315,89 @@ def test_attention_components_include_a_lora_delta_on_w_neg():
     assert (adapted["p_neg"] - without_delta["p_neg"]).abs().max() > 1e-2
 
 
+# ------------------------------------------------------------------------------------------ decoder families
+
+
+def _decoder(model_type: str, **gpam_fields):
+    torch.manual_seed(0)
+    config = tiny_gpam_config(model_type, gpam_lambda_init=0.5, gpam_negative_init="normal", **gpam_fields)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _query_key_weight_grads(model_type: str, attention, loss):
+    """∂L/∂W_Q and ∂L/∂W_K sliced by hand from each family's stock forward (independent of the table's layout)."""
+    config = attention.config
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    if model_type == "phi3":
+        # qkv_proj output rows: [Q (H·D); K (H_kv·D); V (H_kv·D)]
+        (grad,) = torch.autograd.grad(loss, [attention.qkv_proj.weight], retain_graph=True)
+        q_width, kv_width = heads * attention.head_dim, kv_heads * attention.head_dim
+        return grad[:q_width], grad[q_width : q_width + kv_width]
+    if model_type == "gpt_neox":
+        # query_key_value output rows viewed (H, 3·D) and chunked into q, k, v per head
+        (grad,) = torch.autograd.grad(loss, [attention.query_key_value.weight], retain_graph=True)
+        per_head = grad.view(heads, 3 * attention.head_size, -1)
+        return per_head[:, : attention.head_size], per_head[:, attention.head_size : 2 * attention.head_size]
+    return torch.autograd.grad(loss, [attention.q_proj.weight, attention.k_proj.weight], retain_graph=True)
+
+
+@pytest.mark.parametrize("model_type", list(DECODER_FAMILIES))
+def test_decoder_family_maps_and_gradients(model_type):
+    """Every decoder family: attention_components gives the module's own P_G (GQA, fused qkv, partial rotary, q/k
+    norms, sliding windows, soft-capping), and the query / key gradient norms are the right weight blocks."""
+    model = _decoder(model_type)
+    ids, mask = _batch()
+    result = diagnose_model(model, ids, mask, l1inf_refine_steps=5)
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = model(ids, attention_mask=mask, labels=labels).loss
+    assert result.loss == pytest.approx(loss.item(), rel=1e-5)
+    sites = attention_sites(model)
+    assert [(s.stack, s.layer, s.kind) for s in sites] == [("decoder", 0, "self"), ("decoder", 1, "self")]
+    assert len(result.curve("residual_fro")) == 3
+    for site, stats in zip(sites, result.attention):
+        grad_q, grad_k = _query_key_weight_grads(model_type, site.module, loss)
+        (grad_neg,) = torch.autograd.grad(loss, [site.module.gpam_q_neg.weight], retain_graph=True)
+        assert stats.query_grad_norm == pytest.approx(grad_q.norm().item(), rel=1e-4)
+        assert stats.key_grad_norm == pytest.approx(grad_k.norm().item(), rel=1e-4)
+        assert stats.q_neg_grad_norm == pytest.approx(grad_neg.norm().item(), rel=1e-4)
+        assert stats.negative_mass is not None and stats.lambda_pos == [0.5] * model.config.num_attention_heads
+
+    with attn_implementation(model, "eager"), torch.no_grad():
+        returned = model(ids, attention_mask=mask, output_attentions=True).attentions
+    for layer in range(model.config.num_hidden_layers):
+        maps = attention_components(model, ids, mask, layer=layer)
+        torch.testing.assert_close(maps["p_gpam"], returned[layer].to(F64), atol=2e-6, rtol=0)
+        lam = maps["lambda_pos"].to(F64).view(1, -1, 1, 1)
+        torch.testing.assert_close(maps["p_gpam"], (1 + lam) * maps["p_pos"] - lam * maps["p_neg"], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["relative", "literal"])
+def test_attention_components_follow_the_rope_variant(variant):
+    # the two RoPE variants build different Q⁻ from the same weights; each recomputation matches its own model
+    # large initial weights: peaked maps, so that the two Q⁻ give visibly different P⁻
+    model = _decoder("llama", gpam_rope_variant=variant, initializer_range=0.5)
+    other = _decoder("llama", gpam_rope_variant="literal" if variant == "relative" else "relative",
+                     initializer_range=0.5)
+    ids, mask = _batch()
+    maps = attention_components(model, ids, mask, layer=1)
+    with attn_implementation(model, "eager"), torch.no_grad():
+        returned = model(ids, attention_mask=mask, output_attentions=True).attentions[1]
+    torch.testing.assert_close(maps["p_gpam"], returned.to(F64), atol=2e-6, rtol=0)
+    assert (maps["p_neg"] - attention_components(other, ids, mask, layer=1)["p_neg"]).abs().max() > 1e-3
+
+
+def test_stock_decoder_family_is_diagnosed_as_softmax():
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_stock_config("qwen3")).eval()
+    result = diagnose_model(model, *_batch(), l1inf_refine_steps=0)
+    assert not result.is_gpam and result.curve("negative_mass") == [0.0, 0.0]
+    assert all(v > 0 for v in result.curve("query_grad_norm"))
+    maps = attention_components(model, *_batch(), layer=0)
+    assert maps["p_neg"] is None and torch.equal(maps["p_gpam"], maps["p_pos"])
+
+
 # --------------------------------------------------------------------------------------------------- plotting
 
 
@@ -414,6 +498,35 @@ def test_diagnose_cli_encoder_decoder(tmp_path):
     assert result.curve("lambda", "decoder", "cross") == pytest.approx([0.3, 0.3])
     pngs = sorted(p.name for p in output_dir.glob("*.png"))
     assert pngs == ["attention_gpam_bart_encoder1_head0.png", "layers_decoder.png", "layers_encoder.png"]
+
+
+def test_diagnose_cli_on_decoder_families(tmp_path):
+    """A GPAM Llama (grouped-query, loaded through its remote code) and a stock GPT-NeoX (fused per-head qkv,
+    partial rotary) side by side, end to end."""
+    from transformers import GPTNeoXForCausalLM
+
+    from hf_gpam.data import train_byte_level_bpe
+
+    tokenizer = train_byte_level_bpe(CLI_TEXTS * 20, vocab_size=300)
+    torch.manual_seed(0)
+    llama = AutoModelForCausalLM.from_config(tiny_gpam_config("llama", vocab_size=300, gpam_lambda_init=0.3))
+    neox = GPTNeoXForCausalLM(tiny_stock_config("gpt_neox", vocab_size=300))
+    for folder, model in (("llama", llama), ("neox", neox)):
+        model.save_pretrained(tmp_path / folder)
+        tokenizer.save_pretrained(tmp_path / folder)
+    output_dir = tmp_path / "out"
+    argv = ["diagnose", str(tmp_path / "llama"), str(tmp_path / "neox"), "--text", *CLI_TEXTS,
+            "--output_dir", str(output_dir)]
+    assert cli_main(argv) == 0
+    models = json.loads((output_dir / "diagnostics.json").read_text())["models"]
+    gpam, stock = (ModelDiagnostics.from_dict(models[name]) for name in ("llama", "neox"))
+    assert (gpam.model_type, gpam.is_gpam, stock.model_type, stock.is_gpam) == ("gpam_llama", True, "gpt_neox", False)
+    for result in (gpam, stock):
+        assert result.stacks() == ["decoder"] and len(result.curve("residual_fro")) == 3
+        assert all(v > 0 for v in result.curve("query_grad_norm") + result.curve("key_grad_norm"))
+    assert gpam.curve("lambda") == pytest.approx([0.3, 0.3]) and stock.curve("lambda") == [None, None]
+    pngs = sorted(p.name for p in output_dir.glob("*.png"))
+    assert pngs == ["attention_llama_decoder1_head0.png", "attention_neox_decoder1_head0.png", "layers_decoder.png"]
 
 
 def test_remote_code_model_is_recognised_by_duck_typing(saved_models):
