@@ -9,6 +9,7 @@ Example:
 
 ```bash
 hf-gpam convert gpt2 --output_dir outputs/gpt2-dagpam
+hf-gpam convert HuggingFaceTB/SmolLM2-135M --output_dir outputs/smollm2-dagpam
 hf-gpam convert Helsinki-NLP/opus-mt-en-de --output_dir outputs/opus-mt-en-de-dagpam --gpam_layers 0 1 2
 ```
 
@@ -72,7 +73,9 @@ def add_gpam_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a stock GPT-2 / BART / Marian checkpoint: local folder or Hub id")
+    parser.add_argument(
+        "model", help=f"a stock checkpoint of a supported family ({supported_model_types()}): local folder or Hub id"
+    )
     parser.add_argument("--output_dir", required=True, help="the folder to write (new or empty)")
     parser.add_argument(
         "--overwrite_output_dir", action="store_true",
@@ -80,11 +83,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--task", choices=sorted(TASKS), default="auto",
-        help="which head to load: causal-lm, seq2seq-lm, base (no head), or auto (from the checkpoint's config)",
+        help="which head to load: causal-lm, seq2seq-lm, base (no head), or auto (the class the checkpoint's "
+        "config names, e.g. LlamaForSequenceClassification, else the family's LM head)",
     )
     parser.add_argument("--revision", default="main", help="Hub revision of MODEL to convert")
     parser.add_argument("--repo_id", default=None, help="the Hub repository the folder is meant for (model card)")
-    parser.add_argument("--attn_implementation", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument(
+        "--attn_implementation", default=None, choices=("sdpa", "eager"),
+        help="attention backend to load and convert with (default: transformers' choice for the family, sdpa where "
+        "it supports it, eager otherwise, e.g. Gemma2)",
+    )
     add_gpam_arguments(parser)
 
 
@@ -131,18 +139,20 @@ def check_output_dir(
         )
 
 
-def _auto_class(config, task: str):
+def _model_class(config, task: str):
+    # --task names an Auto class; "auto" takes the stock class the checkpoint's config names when the table row
+    # converts it (base model, LM head, sequence classifier), else the row's LM head
     if TASKS[task] is not None:
         return TASKS[task]
+    architecture = ARCHITECTURES[config.model_type]
+    stock_classes = {stock.__name__: stock for stock in architecture.model_classes}
     architectures = getattr(config, "architectures", None) or []
-    if any(name.endswith(("LMHeadModel", "ForCausalLM")) for name in architectures):
-        return AutoModelForCausalLM
-    if any(name.endswith(("ForConditionalGeneration", "MTModel")) for name in architectures):
-        return AutoModelForSeq2SeqLM
+    for name in architectures:
+        if name in stock_classes:
+            return stock_classes[name]
     if architectures:
         return AutoModel
-    # no architectures recorded: the usual head of the model type
-    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return AutoModelForSeq2SeqLM if architecture.task == "seq2seq-lm" else AutoModelForCausalLM
 
 
 def _dummy_inputs(model, config) -> dict:
@@ -166,7 +176,7 @@ def convert_checkpoint(
     task: str = "auto",
     revision: str = "main",
     repo_id: str | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     command: str | None = None,
     overwrite_output_dir: bool = False,
     **gpam_options,
@@ -174,7 +184,8 @@ def convert_checkpoint(
     """Patch ``model_name_or_path`` with daGPAM and write a Hub-ready folder to ``output_dir``.
 
     ``output_dir`` must be new or empty unless ``overwrite_output_dir=True``, and is never the source folder
-    (``check_output_dir``); this is checked before anything is loaded.
+    (``check_output_dir``); this is checked before anything is loaded. ``attn_implementation`` None lets
+    transformers choose the family's default backend (sdpa, or eager for families without sdpa such as Gemma2).
 
     Returns a summary: the GPAM class, the number of new parameters, the largest absolute change of the logits
     (or last hidden states) on a fixed random batch, and the files written.
@@ -202,9 +213,9 @@ def convert_checkpoint(
         )
     if task not in TASKS:
         raise ValueError(f"hf-gpam convert: task {task!r} is not one of {', '.join(sorted(TASKS))}")
-    auto_class = _auto_class(config, task)
+    model_class = _model_class(config, task)
     try:
-        model = auto_class.from_pretrained(
+        model = model_class.from_pretrained(
             model_name_or_path, revision=revision, attn_implementation=attn_implementation
         )
     except SafetensorError as error:

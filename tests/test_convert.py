@@ -15,6 +15,7 @@ from transformers import (
 )
 
 import hf_gpam
+from hf_gpam.architectures import ARCHITECTURES, DECODER_FAMILIES
 from hf_gpam.cli import main as cli_main
 from hf_gpam.convert import convert_checkpoint
 from hf_gpam.data import train_byte_level_bpe
@@ -90,10 +91,41 @@ def test_convert_seq2seq_without_tokenizer_and_with_options(tmp_path):
     assert summary["gpam_new_parameters"] == 2 * (8 * 8 + 4)
 
 
+@pytest.mark.parametrize("model_type", list(DECODER_FAMILIES))
+def test_convert_every_decoder_family(model_type, tmp_path):
+    """Each family's tiny stock causal LM converts with its default backend (Gemma2: eager, the only one stock
+    has), computes what stock computes at λ = 0, and reloads through its remote code."""
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(tiny_stock_config(model_type)).eval()
+    stock.save_pretrained(tmp_path / "stock")
+    summary = convert_checkpoint(str(tmp_path / "stock"), str(tmp_path / "out"))
+    gpam_class = ARCHITECTURES[model_type].model_classes[type(stock)]
+    assert summary["model_class"] == gpam_class.__name__ and summary["max_abs_output_change"] < 1e-5
+    assert hub_ready_problems(tmp_path / "out") == []
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    assert reloaded.config.model_type == f"gpam_{model_type}"
+    assert len(gpam_lambda_values(reloaded)) == stock.config.num_hidden_layers
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, stock(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_keeps_the_head_the_checkpoint_names(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    stock = LlamaForSequenceClassification(tiny_stock_config("llama", num_labels=3)).eval()
+    stock.save_pretrained(tmp_path / "classifier")
+    summary = convert_checkpoint(str(tmp_path / "classifier"), str(tmp_path / "out"))
+    # the classifier head is converted with the body, not dropped by loading a causal LM or a base model
+    assert summary["model_class"] == "GpamLlamaForSequenceClassification"
+    assert summary["max_abs_output_change"] < 1e-5
+
+
 def test_convert_rejects_unsupported_architecture(tmp_path):
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                          vocab_size=50)).save_pretrained(tmp_path / "bert")
-    with pytest.raises(ValueError, match="model_type 'bert'.*supported: gpt2, bart, marian"):
+    with pytest.raises(ValueError, match="model_type 'bert'.*supported: gpt2, bart, marian, llama, mistral"):
         convert_checkpoint(str(tmp_path / "bert"), str(tmp_path / "out"))
 
 
