@@ -23,6 +23,8 @@ BAD_VALUES = [
     ("gpam_tie_lambda", 1, "gpam_tie_lambda"),
     ("gpam_lambda_trainable", None, "gpam_lambda_trainable"),
     ("gpam_negative_init", "identity", "gpam_negative_init"),
+    ("gpam_rope_variant", "absolute", "gpam_rope_variant"),
+    ("gpam_rope_variant", None, "gpam_rope_variant"),
     ("gpam_layers", [5], "gpam_layers"),
     ("gpam_layers", [-1], "gpam_layers"),
     ("gpam_layers", [0, 0], "gpam_layers"),
@@ -69,6 +71,7 @@ def test_values_round_trip_through_json(tmp_path, model_type):
         "gpam_negative_init": "normal",
         "gpam_layers": [1, 0],
         "gpam_attention_types": ["self"],
+        "gpam_rope_variant": "literal",
     }
     config = tiny_gpam_config(model_type, **values)
     # integers are accepted for float fields and normalised; layers are sorted
