@@ -23,6 +23,7 @@ import types
 from collections.abc import Iterator
 
 from torch import nn
+from transformers import GenerationMixin
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configuration_gpam_decoders import DECODER_FAMILIES, GPAM_CONFIG_CLASSES, DecoderFamily, gpam_class_name
@@ -137,9 +138,11 @@ def make_gpam_model_class(
         "gpam_stock_attention_class": stock_attention,
         "gpam_softcap_attribute": softcap_attribute,
     }
-    return types.new_class(
-        name, (GpamDecoderModelMixin, stock_model_class), exec_body=lambda ns: ns.update(namespace)
-    )
+    bases = (GpamDecoderModelMixin, stock_model_class)
+    if issubclass(stock_model_class, GenerationMixin):
+        # transformers 5 expects generative classes to list GenerationMixin among their own bases
+        bases += (GenerationMixin,)
+    return types.new_class(name, bases, exec_body=lambda ns: ns.update(namespace))
 
 
 def stock_modeling_module(family: DecoderFamily):
