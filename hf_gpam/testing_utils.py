@@ -83,6 +83,36 @@ def tiny_stock_config(model_type: str, **overrides):
     raise ValueError(f"tiny_stock_config: model_type {model_type!r} is not one of {supported}")
 
 
+def tiny_config_overrides(model_type: str) -> str:
+    """The sizes of ``tiny_stock_config(model_type)`` as a recipe ``--config_overrides`` string.
+
+    Only the scalar size and feature fields (layers, widths, heads, windows, rotary fractions) that the family's
+    default config has (``--config_overrides`` accepts no others; Qwen2 derives ``head_dim`` instead); the
+    vocabulary and special tokens come from the tokenizer a recipe trains, and list fields (Gemma's
+    ``layer_types``) follow from the layer count. Decoder families only.
+
+    Example:
+
+    ```python
+    >>> from hf_gpam.testing_utils import tiny_config_overrides
+    >>> tiny_config_overrides("llama").split(",")[:3]
+    ['num_hidden_layers=2', 'hidden_size=32', 'num_attention_heads=4']
+    ```
+    """
+    if model_type not in TINY_DECODER_CONFIGS:
+        raise ValueError(f"tiny_config_overrides: {model_type!r} is not a decoder family of TINY_DECODER_CONFIGS")
+    from transformers import CONFIG_MAPPING
+
+    defaults = CONFIG_MAPPING[model_type]()
+    fields = {**_DECODER_COMMON, **TINY_DECODER_CONFIGS[model_type]}
+    skipped = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+    return ",".join(
+        f"{name}={value}"
+        for name, value in fields.items()
+        if name not in skipped and not isinstance(value, list) and hasattr(defaults, name)
+    )
+
+
 def tiny_gpam_config(model_type: str, **overrides):
     """The GPAM config matching ``tiny_stock_config(model_type)``; ``overrides`` may include ``gpam_*`` fields."""
     from .patching import gpam_config_from_stock

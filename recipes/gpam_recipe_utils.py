@@ -32,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_gpam
+from hf_gpam.architectures import model_types_for_task, supported_model_types
 from hf_gpam.data import train_byte_level_bpe, train_marian_sentencepiece
 from hf_gpam.hub import gpam_lambda_values, render_model_card, save_hub_ready
 from hf_gpam.training import gpam_decay_parameter_names
@@ -39,14 +40,18 @@ from hf_gpam.training import gpam_decay_parameter_names
 
 logger = logging.getLogger(__name__)
 
-# sensible LoRA targets per architecture; PEFT has none for Marian or for the gpam_* model types. The daGPAM
-# W⁻ (gpam_q_neg) is a target like the other projections, and λ is trained in full through modules_to_save.
-DEFAULT_LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc", "gpam_q_neg"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "gpam_q_neg"],
-    "marian": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "gpam_q_neg"],
-}
+# PEFT has no default LoRA targets for Marian or for the gpam_* model types: each row of the architecture table
+# names its own (lora_targets). The daGPAM W⁻ (gpam_q_neg) is a target like those projections, and λ is trained in
+# full through modules_to_save.
+GPAM_LORA_TARGETS = ["gpam_q_neg"]
 LORA_MODULES_TO_SAVE = ["gpam_lambda"]
+
+
+def default_lora_targets(model_type: str) -> list[str]:
+    """The default ``--lora_target_modules`` of a stock or GPAM model type: the row's ``lora_targets`` (its query and
+    value projections, fused where the family fuses them; every projection of GPT-2, BART and Marian) and
+    ``gpam_q_neg``."""
+    return [*hf_gpam.ARCHITECTURES[model_type.removeprefix("gpam_")].lora_targets, *GPAM_LORA_TARGETS]
 
 
 @dataclass
@@ -84,6 +89,13 @@ class GpamArguments:
         default_factory=lambda: ["self", "cross"],
         metadata={"help": "Attention kinds that use daGPAM (encoder-decoder models): self, cross."},
     )
+    gpam_rope_variant: str = field(
+        default="relative",
+        metadata={
+            "help": "RoPE families: 'relative' (Q⁻ = RoPE(ReLU(Q̃)W⁻), P⁻ depends on i − j only) or 'literal' "
+            "(Q⁻ = ReLU(Q⁺)W⁻ from the rotated query). Ignored by GPT-2, BART, Marian and OPT."
+        },
+    )
 
     def options(self) -> dict:
         """The ``gpam_*`` keyword arguments for ``patch_model`` or a GPAM config; unset optional values omitted so
@@ -108,16 +120,24 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A stock GPT-2 / BART / Marian checkpoint (patched with hf_gpam.patch_model) or a GPAM "
-            "checkpoint (training continues); local folder or Hub id. Leave unset to train from scratch."
+            "help": "A stock checkpoint of a family in hf_gpam.ARCHITECTURES (patched with hf_gpam.patch_model) or "
+            "a GPAM checkpoint (training continues); local folder or Hub id. Leave unset to train from scratch."
         },
     )
     model_type: str | None = field(
-        default=None, metadata={"help": "Train from scratch: gpt2 (causal LM), bart or marian (translation)."}
+        default=None,
+        metadata={
+            "help": f"Train from scratch: a model type of hf_gpam.ARCHITECTURES; causal LMs for run_clm_gpam "
+            f"({supported_model_types('causal-lm')}), {supported_model_types('seq2seq-lm')} for run_translation_gpam."
+        },
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "From scratch: config fields to override, e.g. 'n_layer=2,n_embd=64,n_head=4'."},
+        metadata={
+            "help": "From scratch: config fields, e.g. 'n_layer=2,n_embd=64,n_head=4' (GPT-2) or "
+            "'num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_key_value_heads=2' (Llama). They are "
+            "passed to the config's constructor, so fields derived from them (head_dim, layer_types) follow."
+        },
     )
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer folder or Hub id (default: the checkpoint's, or one trained here)."}
@@ -138,7 +158,10 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names (or suffixes) to adapt. Default per architecture, incl. gpam_q_neg."},
+        metadata={
+            "help": "Module names (or suffixes) to adapt. Default: the architecture row's lora_targets (e.g. "
+            "q_proj v_proj for Llama, qkv_proj for Phi-3, query_key_value for GPT-NeoX) and gpam_q_neg."
+        },
     )
     merge_lora: bool = field(
         default=False,
@@ -447,41 +470,44 @@ def load_or_train_tokenizer(model_args, training_args, texts_for_training, check
             return AutoTokenizer.from_pretrained(training_args.output_dir)
         texts = texts_for_training()
         vocab_size = model_args.tokenizer_vocab_size
-        if model_args.model_type == "marian":
+        kind = hf_gpam.ARCHITECTURES[model_args.model_type].scratch_tokenizer
+        if kind == "sentencepiece_marian":
             return train_marian_sentencepiece(texts, vocab_size, save_directory=training_args.output_dir)
-        return train_byte_level_bpe(
-            texts, vocab_size, model_type=model_args.model_type, save_directory=training_args.output_dir
-        )
+        # byte_level_bpe_gpt2 (every causal LM) or byte_level_bpe_bart
+        style = kind.removeprefix("byte_level_bpe_")
+        return train_byte_level_bpe(texts, vocab_size, model_type=style, save_directory=training_args.output_dir)
+
+
+def parse_config_overrides(config_class: type, overrides: str | None) -> dict:
+    """``--config_overrides`` ("n_layer=2,n_embd=64") as constructor keyword arguments of ``config_class``.
+
+    The names and value types are checked by ``update_from_string`` on a default config (unknown fields and bad
+    values raise ``ValueError``). The values then go to the constructor rather than being set on a built config:
+    fields computed in ``__init__`` from others (Llama's ``head_dim = hidden_size // num_attention_heads``, Gemma3's
+    ``layer_types`` from ``num_hidden_layers``) would otherwise keep the defaults' values.
+    """
+    if not overrides:
+        return {}
+    probe = config_class()
+    try:
+        probe.update_from_string(overrides)
+    except ValueError as error:
+        raise ValueError(f"--config_overrides {overrides!r}: {error}") from error
+    names = [item.split("=", 1)[0].strip() for item in overrides.split(",") if item.strip()]
+    return {name: getattr(probe, name) for name in names}
 
 
 def scratch_config(model_args, gpam_args, tokenizer):
     """A GPAM config of ``--model_type`` with the stock defaults, ``--config_overrides`` and the tokenizer's
-    vocabulary and special tokens."""
-    config_class = hf_gpam.ARCHITECTURES[model_args.model_type].config_class
-    config = config_class(**gpam_args.options())
-    if model_args.config_overrides:
-        try:
-            config.update_from_string(model_args.config_overrides)
-        except ValueError as error:
-            raise ValueError(f"--config_overrides {model_args.config_overrides!r}: {error}") from error
-    config.vocab_size = len(tokenizer)
+    vocabulary and special tokens (which config field takes which token: the row's ``scratch_token_ids``)."""
+    architecture = hf_gpam.ARCHITECTURES[model_args.model_type]
+    config_class = architecture.config_class
+    overrides = parse_config_overrides(config_class, model_args.config_overrides)
+    token_ids = {name: getattr(tokenizer, attribute) for name, attribute in architecture.scratch_token_ids.items()}
+    config = config_class(**{**gpam_args.options(), **overrides, "vocab_size": len(tokenizer), **token_ids})
     if hasattr(config, "decoder_vocab_size"):
-        # Marian sizes its output layer by decoder_vocab_size, fixed at construction from the default vocabulary
+        # Marian sizes its output layer by decoder_vocab_size
         config.decoder_vocab_size = len(tokenizer)
-    if model_args.model_type == "gpt2":
-        config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
-        config.pad_token_id = tokenizer.pad_token_id
-    else:
-        config.pad_token_id = tokenizer.pad_token_id
-        config.eos_token_id = tokenizer.eos_token_id
-        config.forced_eos_token_id = tokenizer.eos_token_id
-        # Marian starts decoding from the pad token, BART from </s>
-        if model_args.model_type == "marian":
-            config.decoder_start_token_id = tokenizer.pad_token_id
-            config.bos_token_id = tokenizer.pad_token_id
-        else:
-            config.bos_token_id = tokenizer.bos_token_id
-            config.decoder_start_token_id = tokenizer.eos_token_id
     config.check_gpam_fields()
     return config
 
@@ -518,7 +544,6 @@ def apply_lora(model, model_args, task_type: str):
     including daGPAM's ``gpam_q_neg``, and train every ``gpam_lambda`` in full through ``modules_to_save``."""
     from peft import LoraConfig, get_peft_model
 
-    architecture = model.config.model_type.removeprefix("gpam_")
     module_names = [name for name, _ in model.named_modules() if name]
 
     def found(target: str) -> bool:
@@ -538,7 +563,7 @@ def apply_lora(model, model_args, task_type: str):
             )
         targets = list(model_args.lora_target_modules)
     else:
-        defaults = DEFAULT_LORA_TARGETS[architecture]
+        defaults = default_lora_targets(model.config.model_type)
         targets = [t for t in defaults if found(t)]
         # e.g. gpam_q_neg on a softmax-mode model; the user did not ask for these, so they are only reported
         skipped = [t for t in defaults if t not in targets]
@@ -549,6 +574,12 @@ def apply_lora(model, model_args, task_type: str):
         and any(p.requires_grad for p in module.gpam_lambda.parameters())
         for module in model.modules()
     )
+    # GPT-2's c_attn / c_proj / c_fc are Conv1D (weight stored transposed); PEFT resets it for nn.Linear targets
+    fan_in_fan_out = any(
+        isinstance(module, Conv1D)
+        for name, module in model.named_modules()
+        if any(name == t or name.endswith("." + t) for t in targets)
+    )
     lora_config = LoraConfig(
         task_type=task_type,
         r=model_args.lora_r,
@@ -556,8 +587,7 @@ def apply_lora(model, model_args, task_type: str):
         lora_dropout=model_args.lora_dropout,
         target_modules=targets,
         modules_to_save=LORA_MODULES_TO_SAVE if has_trainable_lambda else None,
-        # GPT-2's c_attn / c_proj / c_fc are Conv1D (weight stored transposed); PEFT resets it for nn.Linear
-        fan_in_fan_out=architecture == "gpt2",
+        fan_in_fan_out=fan_in_fan_out,
     )
     model = get_peft_model(model, lora_config)
     trainable, total = model.get_nb_trainable_parameters()

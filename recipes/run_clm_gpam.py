@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Train or fine-tune a causal language model (GPT-2) with daGPAM attention, in the shape of transformers'
-``run_clm.py``.
+"""Train or fine-tune a causal language model with daGPAM attention, in the shape of transformers' ``run_clm.py``.
+Every causal-LM family of ``hf_gpam.ARCHITECTURES`` works: GPT-2, Llama, Mistral, Qwen2/3, Gemma2/3, Phi-3,
+GPT-NeoX, OPT, OLMo2.
 
 Model sources:
-  --model_name_or_path gpt2                   a stock GPT-2 checkpoint, converted with hf_gpam.patch_model (λ = 0)
+  --model_name_or_path gpt2                   a stock checkpoint (GPT-2, a Llama, ...), converted with
+                                              hf_gpam.patch_model (λ = 0: the stock outputs at step 0)
   --model_name_or_path outputs/clm_gpam       a GPAM checkpoint: training continues with its own gpam_* settings
-  --model_type gpt2 --config_overrides ...    from scratch, with a byte-level BPE trained on the training text
+  --model_type llama --config_overrides ...   from scratch, with a byte-level BPE trained on the training text
 Data: --dataset_name/--dataset_config_name (datasets Hub), --train_file/--validation_file (txt, json, jsonl, csv
 with a --text_column), or nothing: the docstrings of the installed Python standard library.
 
@@ -36,7 +38,10 @@ from gpam_recipe_utils import (
     start_run,
     write_outputs,
 )
+import hf_gpam
+from hf_gpam.architectures import model_types_for_task
 from hf_gpam.data import stdlib_docstring_corpus
+from hf_gpam.hub import LM_TEMPLATE_PATH
 
 
 logger = logging.getLogger(__name__)
@@ -65,6 +70,8 @@ DEMO_DEFAULTS = {
     "max_eval_samples": 256,
 }
 TEXT_EXTENSIONS = ("txt", "json", "jsonl", "csv")
+# every causal-LM row of the architecture table
+SUPPORTED_MODEL_TYPES = model_types_for_task("causal-lm")
 
 
 @dataclass
@@ -188,7 +195,7 @@ def tokenize_and_group(raw, tokenizer, data_args, training_args, block_size: int
 def main(argv: list[str] | None = None) -> dict:
     model_args, gpam_args, data_args, training_args, checkpoint = start_run(
         DataTrainingArguments, TrainingArguments, argv, output_dir=DEFAULT_OUTPUT_DIR, demo_defaults=DEMO_DEFAULTS,
-        supported=("gpt2",), task="run_clm_gpam",
+        supported=SUPPORTED_MODEL_TYPES, task="run_clm_gpam",
     )
 
     raw = load_raw_datasets(data_args, model_args, training_args)
@@ -198,10 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model, base_model = prepare_model(
-        model_args, gpam_args, AutoModelForCausalLM, tokenizer, checkpoint, supported=("gpt2",), task="run_clm_gpam",
-        lora_task_type="CAUSAL_LM",
+        model_args, gpam_args, AutoModelForCausalLM, tokenizer, checkpoint, supported=SUPPORTED_MODEL_TYPES,
+        task="run_clm_gpam", lora_task_type="CAUSAL_LM",
     )
-    max_positions = model.config.n_positions
+    # GPT-2's n_positions under the name every family's config answers to
+    max_positions = model.config.max_position_embeddings
     block_size = min(data_args.block_size or 1024, max_positions)
     grouped = tokenize_and_group(raw, tokenizer, data_args, training_args, block_size)
     train_dataset, eval_dataset = grouped["train"], grouped["validation"]
@@ -247,12 +255,16 @@ def main(argv: list[str] | None = None) -> dict:
         metrics=["perplexity"],
         command=recipe_command("recipes/run_clm_gpam.py", argv),
         repo_id=training_args.hub_model_id,
-        summary="A GPT-2 causal language model with daGPAM attention, trained with hf_gpam's run_clm_gpam recipe.",
+        summary=(
+            f"A {hf_gpam.ARCHITECTURES[model.config.model_type.removeprefix('gpam_')].display_name} causal language "
+            "model with daGPAM attention, trained with hf_gpam's run_clm_gpam recipe."
+        ),
         limitations=(
             "Trained on "
             + (data_args.dataset_name or data_args.train_file or "stdlib docstrings (the embedded offline corpus)")
             + f" for {trainer.state.global_step} steps; the numbers above are for that run only."
         ),
+        template_path=LM_TEMPLATE_PATH,
     )
     write_outputs(trainer, trainer.model, tokenizer, model_args, results, card)
     push_folder(trainer, "run_clm_gpam: end of training")

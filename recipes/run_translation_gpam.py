@@ -39,7 +39,9 @@ from gpam_recipe_utils import (
     start_run,
     write_outputs,
 )
+from hf_gpam.architectures import model_types_for_task
 from hf_gpam.data import number_translation_pairs
+from hf_gpam.hub import TRANSLATION_TEMPLATE_PATH
 
 
 logger = logging.getLogger(__name__)
@@ -278,11 +280,14 @@ def check_translation_rows(split: datasets.Dataset, name: str, path: str | None,
     bad = {row for row, _ in invalid}
     return split.select([row for row in range(len(split)) if row not in bad]), len(invalid)
 
+# every encoder-decoder row of the architecture table (BART, Marian)
+SUPPORTED_MODEL_TYPES = model_types_for_task("seq2seq-lm")
+
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, gpam_args, data_args, training_args, checkpoint = start_run(
         DataTrainingArguments, Seq2SeqTrainingArguments, argv, output_dir=DEFAULT_OUTPUT_DIR,
-        demo_defaults=DEMO_DEFAULTS, supported=("bart", "marian"), task="run_translation_gpam",
+        demo_defaults=DEMO_DEFAULTS, supported=SUPPORTED_MODEL_TYPES, task="run_translation_gpam",
     )
     src, tgt = data_args.source_lang, data_args.target_lang
 
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint,
     )
     model, base_model = prepare_model(
-        model_args, gpam_args, AutoModelForSeq2SeqLM, tokenizer, checkpoint, supported=("bart", "marian"),
+        model_args, gpam_args, AutoModelForSeq2SeqLM, tokenizer, checkpoint, supported=SUPPORTED_MODEL_TYPES,
         task="run_translation_gpam", lora_task_type="SEQ_2_SEQ_LM",
     )
 
@@ -402,6 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
             + f" for {trainer.state.global_step} steps; BLEU/chrF above are sacreBLEU corpus scores on that "
             "run's validation data only."
         ),
+        template_path=TRANSLATION_TEMPLATE_PATH,
     )
     write_outputs(trainer, trainer.model, tokenizer, model_args, results, card)
     push_folder(trainer, "run_translation_gpam: end of training")

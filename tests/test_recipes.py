@@ -16,10 +16,14 @@ from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoTokenizer,
     BartForConditionalGeneration,
     GPT2LMHeadModel,
     HfArgumentParser,
+    LlamaForCausalLM,
 )
+
+import hf_gpam
 
 from hf_gpam.data import (
     number_translation_pairs,
@@ -28,7 +32,7 @@ from hf_gpam.data import (
     train_marian_sentencepiece,
 )
 from hf_gpam.hub import hub_ready_problems
-from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE, tiny_gpam_config, tiny_stock_config
+from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE, tiny_config_overrides, tiny_gpam_config, tiny_stock_config
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -223,6 +227,134 @@ def test_lora_default_targets_seq2seq(model_type):
     assert len(w_neg_grads) == 6 and all(g is not None and g.abs().sum() > 0 for g in w_neg_grads)
 
 
+CAUSAL_LM_FAMILIES = [t for t, row in hf_gpam.ARCHITECTURES.items() if row.task == "causal-lm" and t != "gpt2"]
+TINY_LLAMA = (
+    "num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_key_value_heads=2,intermediate_size=128,"
+    "max_position_embeddings=128"
+)
+
+
+def test_clm_llama_from_scratch(text_files, tmp_path):
+    out = tmp_path / "llama"
+    args = clm_args(text_files, out, "--max_steps", "8")
+    args[args.index("gpt2")], args[args.index(TINY_GPT2)] = "llama", TINY_LLAMA
+    run_clm_gpam.main(args)
+    saved = read_results(out)
+    assert saved["eval_loss"] < saved["init_eval_loss"], "8 steps at lr 3e-3 must lower the eval loss"
+    assert hub_ready_problems(out) == []
+    config = json.loads((out / "config.json").read_text())
+    # the overrides reach the constructor: head_dim follows hidden_size / num_attention_heads (64 / 4), GQA kept
+    assert (config["model_type"], config["head_dim"], config["num_key_value_heads"]) == ("gpam_llama", 16, 2)
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert config["eos_token_id"] == config["bos_token_id"] == tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(model).__name__ == "GpamLlamaForCausalLM"
+    assert saved["gpam_lambdas"]["model.layers.0.self_attn"] == pytest.approx(
+        model.model.layers[0].self_attn.gpam_lambda.weight.tolist()
+    )
+    card = (out / "README.md").read_text()
+    # the causal-LM card template, naming the family
+    assert "This is a causal language model whose attention uses **daGPAM**" in card
+    assert "A Llama causal language model with daGPAM attention" in card
+
+
+@pytest.fixture(scope="module")
+def stock_llama_dir(tmp_path_factory):
+    """A tiny stock LlamaForCausalLM saved with save_pretrained, next to a byte-level BPE tokenizer."""
+    folder = tmp_path_factory.mktemp("stock_llama")
+    tokenizer = train_byte_level_bpe(
+        stdlib_docstring_corpus(max_chars=30_000), vocab_size=300, model_type="gpt2", save_directory=str(folder)
+    )
+    torch.manual_seed(0)
+    config = tiny_stock_config(
+        "llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def validation_blocks(text_files, tokenizer, count: int, block_size: int) -> torch.Tensor:
+    # the recipe's evaluation blocks, rebuilt by hand: non-blank lines, each ended by the end-of-text token
+    lines = (text_files / "validation.txt").read_text().splitlines(keepends=True)
+    ids = tokenizer([line for line in lines if line.strip()], add_special_tokens=False)["input_ids"]
+    stream = [token for document in ids for token in document + [tokenizer.eos_token_id]]
+    return torch.tensor(stream[: count * block_size]).view(count, block_size)
+
+
+def test_clm_llama_from_a_stock_checkpoint(text_files, stock_llama_dir, tmp_path):
+    out = tmp_path / "continued"
+    run_clm_gpam.main([
+        "--model_name_or_path", str(stock_llama_dir), "--train_file", str(text_files / "train.txt"),
+        "--validation_file", str(text_files / "validation.txt"), "--block_size", "32", "--max_steps", "6",
+        "--max_eval_samples", "4", "--learning_rate", "3e-3", "--per_device_train_batch_size", "4",
+        "--do_train", "--do_eval", "--output_dir", str(out), *FAST,
+    ])
+    saved = read_results(out)
+    # patched at λ = 0: the first evaluation is the stock model's loss on the same blocks
+    stock = LlamaForCausalLM.from_pretrained(stock_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(stock_llama_dir)
+    blocks = validation_blocks(text_files, tokenizer, 4, 32)
+    with torch.no_grad():
+        stock_loss = stock(blocks, labels=blocks).loss.item()
+    assert saved["init_eval_loss"] == pytest.approx(stock_loss, rel=1e-5)
+    assert saved["eval_loss"] < saved["init_eval_loss"]
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert model.config.model_type == "gpam_llama" and model.config.gpam_lambda_init == 0.0
+    assert max(abs(v) for v in model.model.layers[1].self_attn.gpam_lambda.weight.tolist()) > 1e-4, "λ must train"
+    assert f"base_model: {stock_llama_dir}" in (out / "README.md").read_text()
+
+
+def test_clm_llama_lora_from_a_stock_checkpoint(text_files, stock_llama_dir, tmp_path):
+    out = tmp_path / "lora"
+    run_clm_gpam.main([
+        "--model_name_or_path", str(stock_llama_dir), "--train_file", str(text_files / "train.txt"),
+        "--validation_file", str(text_files / "validation.txt"), "--block_size", "32", "--max_steps", "3",
+        "--max_eval_samples", "4", "--learning_rate", "5e-2", "--do_train", "--do_eval", "--use_lora",
+        "--merge_lora", "--output_dir", str(out), *FAST,
+    ])
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"q_proj", "v_proj", "gpam_q_neg"}
+    assert adapter_config["modules_to_save"] == ["gpam_lambda"] and adapter_config["fan_in_fan_out"] is False
+    merged = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert hub_ready_problems(out) == [] and not any("lora" in name for name, _ in merged.named_parameters())
+    assert merged.model.layers[1].self_attn.gpam_lambda.weight.abs().max() > 1e-4, "λ trains through modules_to_save"
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_LM_FAMILIES)
+def test_every_causal_family_builds_from_scratch(model_type):
+    tokenizer = train_byte_level_bpe(["the cat sat on the mat"] * 10, vocab_size=270)
+    model_args = gpam_recipe_utils.ModelArguments(
+        model_type=model_type, config_overrides=tiny_config_overrides(model_type)
+    )
+    config = gpam_recipe_utils.scratch_config(model_args, gpam_recipe_utils.GpamArguments(), tokenizer)
+    assert config.model_type == f"gpam_{model_type}" and config.vocab_size == len(tokenizer)
+    assert config.eos_token_id == config.bos_token_id == config.pad_token_id == tokenizer.eos_token_id
+    assert (config.num_hidden_layers, config.hidden_size) == (2, 32)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = tokenizer(["the cat sat"], return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids, labels=ids).loss)
+    assert gpam_recipe_utils.log_training_footprint(model)["parameters"] < 100_000
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_LM_FAMILIES)
+def test_lora_default_targets_of_every_causal_family(model_type):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_gpam_config(model_type))
+    targets = gpam_recipe_utils.default_lora_targets(model.config.model_type)
+    row = hf_gpam.ARCHITECTURES[model_type]
+    assert targets == [*row.lora_targets, "gpam_q_neg"]
+    module_names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        assert any(name.endswith("." + target) for name in module_names), f"{target} is no module of {model_type}"
+    peft_model = gpam_recipe_utils.apply_lora(model, gpam_recipe_utils.ModelArguments(use_lora=True), "CAUSAL_LM")
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    layers = model.config.num_hidden_layers
+    for target in targets:
+        assert sum(f".{target}.lora_A" in name for name in trainable) == layers, target
+    assert sum("gpam_lambda.modules_to_save" in name for name in trainable) == layers
+
+
 def test_resume_continues_a_stopped_run_exactly(text_files, tmp_path):
     args = clm_args(text_files, tmp_path / "run", "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3",
                     "--eval_before_training", "False")
@@ -313,6 +445,7 @@ def test_parse_defaults_apply_only_to_the_embedded_run():
     assert model_args.model_type is None and gpam_args.options() == {
         "gpam_mode": "dagpam", "gpam_tie_lambda": True, "gpam_lambda_trainable": True,
         "gpam_negative_init": "neg_identity", "gpam_attention_types": ["self", "cross"], "gpam_lambda_neg_init": None,
+        "gpam_rope_variant": "relative",
     }
 
 
