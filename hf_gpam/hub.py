@@ -106,8 +106,14 @@ def _parameter_counts(model: nn.Module) -> tuple[int, int]:
     return total, gpam
 
 
-def _auto_class_name(config) -> str:
-    if getattr(config, "is_encoder_decoder", False):
+def _auto_class_name(model: nn.Module) -> str:
+    """The Auto class that loads ``model``'s class: its ``auto_map`` entry (set by ``save_pretrained``), else the
+    usual head of the architecture."""
+    class_name = type(getattr(model, "get_base_model", lambda: model)()).__name__
+    for auto_class, reference in (getattr(model.config, "auto_map", None) or {}).items():
+        if isinstance(reference, str) and reference.rsplit(".", 1)[-1] == class_name:
+            return auto_class
+    if getattr(model.config, "is_encoder_decoder", False):
         return "AutoModelForSeq2SeqLM"
     return "AutoModelForCausalLM"
 
@@ -189,7 +195,7 @@ def render_model_card(
         "extra_share": f"{100.0 * extra / max(total, 1):.2f}%",
         "gpam_settings": "`" + json.dumps(gpam_fields, sort_keys=True) + "`",
         "lambda_table": _lambda_table(lambdas),
-        "auto_class": _auto_class_name(config),
+        "auto_class": _auto_class_name(model),
         "repo_id": repo_id or "<user>/<repo>",
         "command": command or "(not recorded)",
         "results": _results_block(results),

@@ -141,3 +141,18 @@ def test_auto_classes_are_registered_on_import():
                 assert auto_class._model_mapping[architecture.config_class] is expected
         head = AUTO_CLASS[model_type]
         assert head in {cls.__name__ for cls in architecture.auto_classes}
+
+
+def test_model_card_names_the_auto_class_of_the_saved_head(tmp_path):
+    import transformers
+
+    from hf_gpam.hub import save_hub_ready
+    from hf_gpam.testing_utils import tiny_stock_config
+
+    classifier = hf_gpam.patch_model(transformers.LlamaForSequenceClassification(tiny_stock_config("llama", num_labels=3)))
+    save_hub_ready(classifier, tmp_path / "classifier")
+    card = (tmp_path / "classifier" / "README.md").read_text()
+    assert "AutoModelForSequenceClassification.from_pretrained(repo, trust_remote_code=True" in card
+    assert "AutoModelForCausalLM" not in card
+    save_hub_ready(gpam_model("bart"), tmp_path / "seq2seq")
+    assert "AutoModelForSeq2SeqLM.from_pretrained(repo" in (tmp_path / "seq2seq" / "README.md").read_text()
