@@ -136,6 +136,8 @@ def test_rotation_matches_stock_rope_and_its_inverse_undoes_it(rotary_dims):
 
 
 def test_field_is_validated_saved_and_reloaded(tmp_path):
+    # the default, chosen in docs/rope.md
+    assert tiny_gpam_config("llama").gpam_rope_variant == "relative"
     with pytest.raises(ValueError, match=r"gpam_rope_variant='absolute' is not one of 'relative', 'literal'"):
         tiny_gpam_config("llama", gpam_rope_variant="absolute")
     model = rope_model("llama", "literal")
@@ -270,8 +272,11 @@ def test_relative_lora_on_the_negative_projection_takes_part():
     assert not torch.allclose(adapted, base, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_relative_traced_training_step_has_no_graph_break():
-    # fullgraph=True raises on any graph break; aot_eager traces forward and backward without code generation
+    # fullgraph=True raises on any graph break; aot_eager traces forward and backward without code generation.
+    # Slow tier: the default run traces Llama and Qwen3 with the default variant ("relative") in
+    # tests/test_decoders.py::test_traced_training_step_has_no_graph_break; this one pins the variant explicitly
     torch._dynamo.reset()
     config = tiny_gpam_config("llama", gpam_rope_variant="relative", gpam_lambda_init=0.3, attention_dropout=0.0)
     ids = torch.randint(3, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
