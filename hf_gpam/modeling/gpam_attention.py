@@ -72,7 +72,7 @@ class GpamLambda(nn.Module):
         return f"num_heads={self.weight.shape[-1]}, tied={self.tied}, trainable={self.trainable}"
 
 
-def hand_on_rotary_embeddings(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def hand_on_rotary_embeddings(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook of RoPE-family daGPAM modules: under ``gpam_rope_variant="relative"``, add the stock forward's
     ``position_embeddings=(cos, sin)`` as the ``gpam_position_embeddings`` keyword.
 
@@ -119,7 +119,7 @@ class GpamAttentionMixin:
         initializer_range: float,
         device: torch.device,
         dtype: torch.dtype,
-        rope_variant: str = "literal",
+        rope_variant: str,
     ) -> None:
         """Create and initialise ``gpam_q_neg`` (on ``device`` in ``dtype``) and ``gpam_lambda`` (float32).
 
