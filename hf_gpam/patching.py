@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types, untested_architecture
-from .modeling.gpam_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, GpamAttentionMixin
+from .modeling.gpam_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, GpamAttentionMixin, hand_on_rotary_embeddings
 from .modeling.gpam_config_fields import GpamConfigFields
 from .modeling.gpam_modeling_utils import GpamModelMixin, register_output_capture
 
@@ -158,6 +158,11 @@ def patch_model(model: nn.Module, *, allow_untested: bool = False, **gpam_option
         probe = probe_inputs(model)
         reference = probe_output(model, probe)
 
+    if untested:
+        # "relative" undoes and redoes RoPE in the rotate-half layout every family of the table uses; a family outside
+        # it may rotate interleaved pairs, which the λ = 0 check cannot see (Q⁻ does not matter at λ = 0), so it gets
+        # the literal reading unless asked otherwise
+        gpam_options = {"gpam_rope_variant": "literal", **gpam_options}
     # λ = 0 keeps the pretrained model's outputs at conversion
     gpam_config = gpam_config_from_stock(config, architecture.config_class, **{"gpam_lambda_init": 0.0, **gpam_options})
     gpam_config._attn_implementation = implementation
@@ -249,6 +254,10 @@ def unpatch(model: nn.Module, stock_class: type, stock_config) -> None:
         if isinstance(module, GpamAttentionMixin):
             # the stock attention class is the first base after the mixin: Gpam<X>Attention(GpamAttentionMixin, X)
             module.__class__ = type(module).__mro__[2]
+        for hook_id, hook in list(module._forward_pre_hooks.items()):
+            if hook is hand_on_rotary_embeddings:
+                del module._forward_pre_hooks[hook_id]
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
         for name in [n for n in (*module._parameters, *module._buffers, *module._modules) if n.startswith("gpam_")]:
             delattr(module, name)
         for name in [n for n in vars(module) if n.startswith("gpam_")]:

@@ -405,6 +405,8 @@ def test_allow_untested_patches_a_family_whose_attention_uses_the_interface():
     assert hf_gpam.is_gpam_model(patched) and hf_gpam.patch_model(patched) is patched
     modules = patched.gpam_modules()
     assert len(modules) == 2 and all(m.gpam_lambda.weight.shape == (4,) for m in modules)
+    # the relative RoPE reading assumes the rotate-half layout of the table's families: not assumed here
+    assert patched.config.gpam_rope_variant == "literal"
     with torch.no_grad():
         assert_close_on_valid(inputs, patched(**inputs).logits, expected)
         # λ ≠ 0 takes effect through the interface
@@ -427,8 +429,12 @@ def test_allow_untested_refuses_and_restores_a_model_that_fails_the_identity_che
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "gpam_sdpa", wrong)
     with pytest.raises(ValueError, match="does not reproduce the stock outputs.*restored"):
-        hf_gpam.patch_model(model, allow_untested=True)
+        hf_gpam.patch_model(model, allow_untested=True, gpam_rope_variant="relative")
     assert type(model).__name__ == "Starcoder2ForCausalLM" and model.config.model_type == "starcoder2"
+    # no daGPAM hook is left on the restored modules
+    assert not any(
+        hook.__name__ == "hand_on_rotary_embeddings" for m in model.modules() for hook in m._forward_pre_hooks.values()
+    )
     assert all(type(m).__name__ != "GpamStarcoder2Attention" for m in model.modules())
     assert model.state_dict().keys() == state.keys()
     assert all(m.config is model.config for m in model.modules() if hasattr(m, "config"))
