@@ -49,6 +49,11 @@ DEFAULT_TESTS = (
     "tests/test_patching.py",
     "tests/test_peft.py",
     "tests/test_interface.py",
+    "tests/test_eager_autograd.py",
+    "tests/test_config.py",
+    "tests/test_promises.py",
+    "tests/test_decoders.py",
+    "tests/test_rope.py",
 )
 DEFAULT_TORCH_SPEC = "torch==2.13.0"
 SKIP_VERSION_CHECK_ENV = "HF_GPAM_SKIP_VERSION_CHECK"
