@@ -732,6 +732,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (about a minute)")
+    parser.add_argument(
+        "--gpam_rope_variant", choices=("relative", "literal"), default=None,
+        help="the RoPE reading of Q⁻ for the Llama rows (default: the config's default)",
+    )
     parser.add_argument("--only", nargs="+", choices=ALL_BENCHMARKS, default=list(ALL_BENCHMARKS))
     parser.add_argument("--repetitions", type=int, default=None, help="timed pairs per row (default 8, quick 4)")
     parser.add_argument("--render", type=Path, nargs="+", default=None, metavar="JSON",
@@ -748,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     global CLOCK
     CLOCK = args.clock
+    if args.gpam_rope_variant is not None:
+        GPAM_OPTIONS["gpam_rope_variant"] = args.gpam_rope_variant
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
