@@ -19,7 +19,7 @@ def register_output_capture(model_class: type) -> None:
 
     transformers fills this registry in ``PreTrainedModel.__init__``, keyed by ``str(class)``; an instance whose class
     is swapped in place (``patch_model``, the sub-model guard below) never runs that ``__init__``. The key is written
-    directly because the registry's own ``__setitem__`` changed across releases (5.22: the key, 5.23+: the model).
+    directly because the registry's own ``__setitem__`` changed across releases (up to 5.22: the key, 5.23+: the model).
     """
     dict.__setitem__(_CAN_RECORD_REGISTRY, str(model_class), model_class._can_record_outputs)
 
