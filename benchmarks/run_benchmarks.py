@@ -171,6 +171,17 @@ def training_step(model, **batch):
     return run
 
 
+def greedy_decode_step(model, ids, new_tokens: int):
+    """A closure generating exactly ``new_tokens`` greedy tokens with the KV cache (the timed unit of the decode rows)."""
+
+    @torch.no_grad()
+    def run():
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        assert out.shape[-1] == ids.shape[-1] + new_tokens
+
+    return run
+
+
 def lm_floor(*, tokens_q, t_k, d, d_ff, n_layer, vocab, cross_layers=0, enc_tokens=0, enc_layers=0, heads=1):
     """FLOP floor of a whole model (see the module docstring); returns gpam/stock."""
     head_dim = d // heads
@@ -269,14 +280,7 @@ def bench_decode(shape: dict, *, warmup, repetitions, target) -> Row:
     ids = torch.randint(1, shape["vocab"], (1, prompt))
 
     def step(model):
-        @torch.no_grad()
-        def run():
-            out = model.generate(
-                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-            )
-            assert out.shape[-1] == prompt + new_tokens
-
-        return run
+        return greedy_decode_step(model, ids, new_tokens)
 
     return timed_row(
         "decode_gpt2",
@@ -404,14 +408,7 @@ def bench_decode_llama(shape: dict, *, warmup, repetitions, target) -> Row:
     ids = torch.randint(1, shape["vocab"], (1, prompt))
 
     def step(model):
-        @torch.no_grad()
-        def run():
-            out = model.generate(
-                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-            )
-            assert out.shape[-1] == prompt + new_tokens
-
-        return run
+        return greedy_decode_step(model, ids, new_tokens)
 
     return timed_row(
         "decode_llama_smollm",
