@@ -101,3 +101,30 @@ def test_patch_refuses_weights_on_the_meta_device():
     with pytest.raises(ValueError, match="meta device"):
         hf_gpam.patch_model(model)
     assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+@pytest.mark.parametrize(
+    ("version", "verified"),
+    [("5.18.2", False), ("5.19.0", True), ("5.24.0", True), ("5.25.0.dev0", False), ("6.0.0", False)],
+)
+def test_version_gate_raises_outside_the_verified_range_and_warns_when_skipped(monkeypatch, version, verified):
+    from hf_gpam.modeling.gpam_version import SKIP_VERSION_CHECK_ENV, check_transformers_version, transformers_requirement
+
+    monkeypatch.delenv(SKIP_VERSION_CHECK_ENV, raising=False)
+    if verified:
+        check_transformers_version(version)
+        return
+    with pytest.raises(ImportError, match=f"{transformers_requirement()}.*{version}.*pip install"):
+        check_transformers_version(version)
+    monkeypatch.setenv(SKIP_VERSION_CHECK_ENV, "1")
+    with pytest.warns(UserWarning, match="continuing"):
+        check_transformers_version(version)
+
+
+def test_shipped_modeling_code_checks_the_version_on_import(tmp_path):
+    # the copy save_pretrained writes next to a checkpoint runs the same check when it is imported
+    gpam_model("gpt2").save_pretrained(tmp_path)
+    shipped = (tmp_path / "gpam_interface.py").read_text()
+    assert "from .gpam_version import check_transformers_version" in shipped
+    assert "\ncheck_transformers_version()\n" in shipped
+    assert (tmp_path / "gpam_version.py").is_file()
