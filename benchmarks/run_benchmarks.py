@@ -199,6 +199,21 @@ def lm_floor(*, tokens_q, t_k, d, d_ff, n_layer, vocab, cross_layers=0, enc_toke
     return gpam / stock
 
 
+def gpam_attention_copy(stock_module, architecture, config, implementation: str):
+    """A deep copy of one stock attention module converted to daGPAM (patch_model converts whole models; a lone
+    module takes the same per-module helper), its config naming the registered daGPAM backend."""
+    from hf_gpam.modeling.gpam_attention import convert_attention_module
+    from hf_gpam.patching import gpam_config_from_stock
+
+    gpam_class = next(iter(architecture.model_classes.values())).gpam_attention_class
+    gpam_config = gpam_config_from_stock(config, **GPAM_OPTIONS)
+    gpam_config._attn_implementation = gpam_attn_implementation(implementation)
+    gpam = copy.deepcopy(stock_module)
+    convert_attention_module(gpam, gpam_class, gpam_config)
+    gpam.config = gpam_config
+    return gpam
+
+
 def bench_module(implementation: str, shape: dict, *, warmup, repetitions, target) -> Row:
     """One GPT-2 attention module (QKV projection, attention, output projection), forward + backward."""
     batch, heads, seq, head_dim = shape["B"], shape["H"], shape["T"], shape["D"]
@@ -208,17 +223,7 @@ def bench_module(implementation: str, shape: dict, *, warmup, repetitions, targe
     )
     torch.manual_seed(0)
     stock = GPT2Attention(config, layer_idx=0)
-    gpam = copy.deepcopy(stock)
-    # patch_model converts whole models; a lone module is converted with the same per-module helper
-    from hf_gpam.modeling.gpam_attention import convert_attention_module
-    from hf_gpam.modeling.modeling_gpam_gpt2 import GpamGPT2Attention
-    from hf_gpam.patching import gpam_config_from_stock
-
-    gpam_config = gpam_config_from_stock(config, **GPAM_OPTIONS)
-    # the registered daGPAM backend, as a GPAM model's config names it
-    gpam_config._attn_implementation = gpam_attn_implementation(implementation)
-    convert_attention_module(gpam, GpamGPT2Attention, gpam_config)
-    gpam.config = gpam_config
+    gpam = gpam_attention_copy(stock, hf_gpam.ARCHITECTURES["gpt2"], config, implementation)
     hidden = torch.randn(batch, seq, heads * head_dim, requires_grad=True)
     mask = None
     if implementation == "eager":
@@ -342,17 +347,7 @@ def bench_module_llama(shape: dict, *, warmup, repetitions, target) -> Row:
     config = smollm_config(shape)
     torch.manual_seed(0)
     stock = LlamaAttention(config, layer_idx=0)
-    gpam = copy.deepcopy(stock)
-    from hf_gpam.modeling.gpam_attention import convert_attention_module
-    from hf_gpam.patching import gpam_config_from_stock
-
-    gpam_class = hf_gpam.ARCHITECTURES["llama"].model_classes[
-        next(iter(hf_gpam.ARCHITECTURES["llama"].model_classes))
-    ].gpam_attention_class
-    gpam_config = gpam_config_from_stock(config, **GPAM_OPTIONS)
-    gpam_config._attn_implementation = gpam_attn_implementation("sdpa")
-    convert_attention_module(gpam, gpam_class, gpam_config)
-    gpam.config = gpam_config
+    gpam = gpam_attention_copy(stock, hf_gpam.ARCHITECTURES["llama"], config, "sdpa")
     batch, seq = shape["batch"], shape["T"]
     hidden = torch.randn(batch, seq, shape["d"], requires_grad=True)
     position_ids = torch.arange(seq)[None].expand(batch, seq)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types, untested_architecture
-from .modeling.gpam_attention import SUPPORTED_ATTN_IMPLEMENTATIONS, GpamAttentionMixin, hand_on_rotary_embeddings
+from .modeling.gpam_attention import GpamAttentionMixin, hand_on_rotary_embeddings
+from .modeling.gpam_interface import SUPPORTED_ATTN_IMPLEMENTATIONS
 from .modeling.gpam_config_fields import GpamConfigFields
 from .modeling.gpam_modeling_utils import GpamModelMixin, register_output_capture
 

@@ -16,7 +16,6 @@ from torch import nn
 from transformers import initialization as init
 
 from .gpam_config_fields import finite_float
-from .gpam_interface import SUPPORTED_ATTN_IMPLEMENTATIONS  # noqa: F401  (re-exported)
 
 
 class GpamLambda(nn.Module):

@@ -97,14 +97,6 @@ def gpam_attn_implementation(requested: str | None) -> str:
     )
 
 
-def stock_attn_implementation(name: str | None) -> str | None:
-    """The stock backend a daGPAM backend reproduces (``"gpam_sdpa"`` -> ``"sdpa"``); other names unchanged."""
-    for stock, gpam in GPAM_ATTN_IMPLEMENTATIONS.items():
-        if name == gpam:
-            return stock
-    return name
-
-
 def is_gpam_attention_module(module: torch.nn.Module) -> bool:
     """True for an attention module that carries daGPAM parameters (hf_gpam's classes or remote-code ones)."""
     return getattr(module, "gpam_lambda", None) is not None and getattr(module, "gpam_q_neg", None) is not None
