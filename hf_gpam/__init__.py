@@ -17,10 +17,14 @@ __version__ = "0.1.0"
 # the verified transformers range is checked when the modeling code is imported (hf_gpam.modeling.gpam_version),
 # here and in the copy that ships next to every checkpoint alike
 from .modeling.gpam_version import (  # noqa: E402
-    TRANSFORMERS_MAX_EXCLUSIVE,
     TRANSFORMERS_MIN,
+    TRANSFORMERS_VERIFIED_BELOW,
     transformers_requirement,
 )
+
+# the name release 0.2 exported for the upper bound of the verified range (no longer a hard limit: newer releases
+# import with a warning)
+TRANSFORMERS_MAX_EXCLUSIVE = TRANSFORMERS_VERIFIED_BELOW
 
 from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, GpamArchitecture  # noqa: E402
 from .modeling import (  # noqa: E402
@@ -72,6 +76,7 @@ __all__ = [
     "transformers_requirement",
     "TRANSFORMERS_MIN",
     "TRANSFORMERS_MAX_EXCLUSIVE",
+    "TRANSFORMERS_VERIFIED_BELOW",
     *(name for name in configuration_gpam_decoders.__all__ if name.startswith("Gpam")),
     *(name for name in modeling_gpam_decoders.__all__ if name.startswith("Gpam") and name != "GpamDecoderModelMixin"),
 ]

@@ -24,10 +24,10 @@ from transformers import (
     MarianMTModel,
 )
 
-from .modeling.configuration_gpam_decoders import DECODER_FAMILIES, GPAM_CONFIG_CLASSES, make_gpam_config_class
+from .modeling.configuration_gpam_decoders import DECODER_FAMILIES, gpam_config_class, make_gpam_config_class
 from .modeling.modeling_gpam_decoders import (
-    GPAM_MODEL_CLASSES,
     auto_class_name,
+    gpam_model_classes,
     make_gpam_attention_class,
     make_gpam_model_class,
 )
@@ -188,10 +188,11 @@ _DECODER_LAYOUTS = {
 
 
 def _decoder_architecture(model_type: str) -> GpamArchitecture:
-    model_classes = GPAM_MODEL_CLASSES[model_type]
+    # the package builds every family (a checkpoint's shipped code builds its own only)
+    model_classes = gpam_model_classes(model_type)
     return GpamArchitecture(
         model_type=model_type,
-        config_class=GPAM_CONFIG_CLASSES[model_type],
+        config_class=gpam_config_class(model_type),
         model_classes=dict(model_classes),
         auto_classes={_AUTO_CLASSES[auto_class_name(stock.__name__)]: gpam for stock, gpam in model_classes.items()},
         **_DECODER_LAYOUTS.get(model_type, {}),

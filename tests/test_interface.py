@@ -150,13 +150,17 @@ def test_refused_keywords_raise_when_set_and_pass_when_none(backend, name):
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.filterwarnings("ignore:daGPAM attention \\(sdpa\\) returns no attention maps")
 def test_flags_and_mask_encoded_keywords_leave_the_output_unchanged(backend):
     query, key, value = qkv()
     module = ToyGpamAttention()
     plain = BACKENDS[backend](module, query, key, value, None)[0]
+    # a window of 2 on 6 tokens: the functions leave it to the mask transformers built (none here), so the output
+    # stays the unwindowed one; that the mask really carries the window is tested on Mistral in test_contract.py
     extra = {
-        "use_cache": True, "output_attentions": True, "sliding_window": 4096,
-        "position_ids": torch.arange(6)[None].expand(2, 6),
+        "use_cache": True, "output_attentions": True, "output_hidden_states": True, "sliding_window": 2,
+        "position_ids": torch.arange(6)[None].expand(2, 6), "shift_labels": torch.zeros(2, 6, dtype=torch.long),
+        "seq_idx": torch.zeros(2, 6, dtype=torch.int32), "ignore_index": -100, "output_router_logits": True,
     }
     torch.testing.assert_close(BACKENDS[backend](module, query, key, value, None, **extra)[0], plain, atol=0, rtol=0)
 

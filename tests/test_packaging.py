@@ -14,6 +14,7 @@ import setuptools
 import torch
 import transformers
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 import hf_gpam
@@ -137,12 +138,30 @@ def test_heavy_dependencies_are_extras(pyproject):
     assert "pytest" in extras["dev"]
 
 
-def test_transformers_requirement_is_the_import_gate_range(pyproject):
-    # pip must install exactly what `import hf_gpam` accepts (the verified range), and this environment is in it
+def test_transformers_requirement_starts_at_the_gate_and_never_forces_a_downgrade(pyproject):
+    # pip installs from the first verified release on; the only upper bound is the next major release, so a newer
+    # minor (which imports with a warning) is never downgraded by installing hf_gpam; this environment is in it
     (requirement,) = [Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("transformers")]
     bounds = {(spec.operator, Version(spec.version)) for spec in requirement.specifier}
-    assert bounds == {(">=", Version(hf_gpam.TRANSFORMERS_MIN)), ("<", Version(hf_gpam.TRANSFORMERS_MAX_EXCLUSIVE))}
+    next_major = Version(f"{Version(hf_gpam.TRANSFORMERS_MIN).major + 1}")
+    assert bounds == {(">=", Version(hf_gpam.TRANSFORMERS_MIN)), ("<", next_major)}
     assert requirement.specifier.contains(transformers.__version__), (requirement, transformers.__version__)
+    assert requirement.specifier.contains(hf_gpam.TRANSFORMERS_VERIFIED_BELOW)
+
+
+def test_no_dependency_is_capped_below_its_next_major_release(pyproject):
+    # a minor-release cap (peft<0.22 in 0.2) forces users to downgrade; torch starts where transformers 5.23 does
+    project = pyproject["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    requirements += [Requirement(r) for reqs in project["optional-dependencies"].values() for r in reqs]
+    for requirement in requirements:
+        for spec in requirement.specifier:
+            if spec.operator in ("<", "<="):
+                upper = Version(spec.version)
+                assert upper.release[1:] in ((), (0,), (0, 0)), f"{requirement}: capped below a major release"
+            assert spec.operator != "==", f"{requirement} pins one release"
+    (torch_requirement,) = [r for r in requirements if r.name == "torch"]
+    assert torch_requirement.specifier == SpecifierSet(">=2.6")
 
 
 def test_import_and_patch_model_import_no_optional_dependency(tmp_path):

@@ -2,12 +2,18 @@
 GenerationMixin, an encoder / decoder saved alone cannot silently drop daGPAM weights, and patch_model refuses
 weights it cannot place parameters next to."""
 
+import os
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, GenerationMixin
 from transformers.models.bart.modeling_bart import BartEncoder
 
 import hf_gpam
+from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE
 
 from .utils import MODEL_TYPES, gpam_head_class, gpam_model, main_output, model_inputs, stock_model
 
@@ -104,15 +110,25 @@ def test_patch_refuses_weights_on_the_meta_device():
 
 
 @pytest.mark.parametrize(
-    ("version", "verified"),
-    [("5.18.2", False), ("5.19.0", True), ("5.24.0", True), ("5.25.0.dev0", False), ("6.0.0", False)],
+    ("version", "outcome"),
+    [
+        ("5.18.2", "refused"), ("5.19.0", "silent"), ("5.24.0", "silent"), ("5.25.0", "silent"),
+        ("5.26.0.dev0", "warned"), ("5.31.0", "warned"), ("6.0.0", "warned"),
+    ],
 )
-def test_version_gate_raises_outside_the_verified_range_and_warns_when_skipped(monkeypatch, version, verified):
+def test_version_gate_refuses_below_the_range_and_warns_above_it(monkeypatch, version, outcome):
     from hf_gpam.modeling.gpam_version import SKIP_VERSION_CHECK_ENV, check_transformers_version, transformers_requirement
 
     monkeypatch.delenv(SKIP_VERSION_CHECK_ENV, raising=False)
-    if verified:
-        check_transformers_version(version)
+    if outcome == "silent":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_transformers_version(version)
+        return
+    if outcome == "warned":
+        # a checkpoint frozen on the Hub must keep loading on the next release: warn, never refuse
+        with pytest.warns(UserWarning, match=f"{transformers_requirement()}.*{version} is newer and not verified"):
+            check_transformers_version(version)
         return
     with pytest.raises(ImportError, match=f"{transformers_requirement()}.*{version}.*pip install"):
         check_transformers_version(version)
@@ -121,10 +137,49 @@ def test_version_gate_raises_outside_the_verified_range_and_warns_when_skipped(m
         check_transformers_version(version)
 
 
-def test_shipped_modeling_code_checks_the_version_on_import(tmp_path):
-    # the copy save_pretrained writes next to a checkpoint runs the same check when it is imported
-    gpam_model("gpt2").save_pretrained(tmp_path)
-    shipped = (tmp_path / "gpam_interface.py").read_text()
-    assert "from .gpam_version import check_transformers_version" in shipped
-    assert "\ncheck_transformers_version()\n" in shipped
-    assert (tmp_path / "gpam_version.py").is_file()
+def test_version_gate_refuses_a_release_known_to_be_bad(monkeypatch):
+    from hf_gpam.modeling import gpam_version
+
+    monkeypatch.setitem(gpam_version.KNOWN_BAD_RELEASES, "5.27.1", "renames the attention keywords")
+    with pytest.raises(ImportError, match="does not work with transformers 5.27.1: renames the attention keywords"):
+        gpam_version.check_transformers_version("5.27.1")
+    with pytest.warns(UserWarning, match="not verified"):
+        gpam_version.check_transformers_version("5.27.2")
+
+
+# a checkpoint's shipped code imported with a faked transformers version, in a process that cannot import hf_gpam
+FAKED_VERSION_LOAD = HIDE_HF_GPAM_PRELUDE + """
+import warnings
+
+import transformers
+
+folder, version = sys.argv[1:]
+transformers.__version__ = version
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    except ImportError as error:
+        print("REFUSED", error)
+        sys.exit(0)
+print("LOADED", " | ".join(str(w.message) for w in caught if "hf_gpam" in str(w.message)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [("5.18.0", "REFUSED daGPAM (hf_gpam) needs"), ("5.26.0.dev0", "LOADED daGPAM"), ("5.33.1", "LOADED daGPAM")],
+)
+def test_shipped_modeling_code_runs_the_gate_on_import(tmp_path, version, expected):
+    # the copy save_pretrained writes next to a checkpoint runs the same check, with the same outcomes
+    gpam_model("llama").save_pretrained(tmp_path / "checkpoint")
+    assert (tmp_path / "checkpoint" / "gpam_version.py").is_file()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("HF_GPAM_SKIP_VERSION_CHECK", None)
+    result = subprocess.run(
+        [sys.executable, "-c", FAKED_VERSION_LOAD, str(tmp_path / "checkpoint"), version],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(expected), result.stdout
+    assert version in result.stdout

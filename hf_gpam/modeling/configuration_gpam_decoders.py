@@ -2,11 +2,13 @@
 Phi-3, GPT-NeoX, OPT, OLMo2), generated from one table.
 
 Each family is one row of ``DECODER_FAMILIES``. Its GPAM config class is the stock config class with the ``gpam_*``
-fields in front (``GpamLlamaConfig(GpamConfigFields, LlamaConfig)``, model type ``gpam_llama``), built when this
-module is imported and bound to a module global of that name. The classes are generated rather than written out
-because they differ only in their stock parent: a hand-written file per family would be ten copies of the same
-five lines. This module ships next to every decoder checkpoint (``save_pretrained`` copies it), and remote code
-resolves ``configuration_gpam_decoders.GpamLlamaConfig`` with ``getattr`` on it, which the globals satisfy.
+fields in front (``GpamLlamaConfig(GpamConfigFields, LlamaConfig)``, model type ``gpam_llama``), built the first
+time it is asked for (``gpam_config_class``, or the module attribute of its name) and then bound to a module global
+of that name. The classes are generated rather than written out because they differ only in their stock parent: a
+hand-written file per family would be ten copies of the same five lines. This module ships next to every decoder
+checkpoint (``save_pretrained`` copies it), and remote code resolves ``configuration_gpam_decoders.GpamLlamaConfig``
+with ``getattr`` on it; building on first access means a Llama checkpoint only needs transformers' Llama, not the
+other nine families (an older or trimmed transformers may lack one of them).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ class DecoderFamily:
             then the sequence classifier where transformers has one.
         head_dim_attribute: the attention module's attribute holding the head dimension, where it is not
             ``head_dim`` (GPT-NeoX calls it ``head_size``).
-        softcap_attribute: the config field holding attention logit soft-capping, for families that have one. A
-            soft-capped model runs on the eager backend only, as in stock transformers (SDPA has no soft-capping).
+        softcap_attribute: the config field holding attention logit soft-capping, for families whose stock attention
+            passes it to the attention function (Gemma2). A soft-capped model runs on the eager backend only, as in
+            stock transformers (SDPA has no soft-capping). Gemma3's config has the field too, but its attention never
+            passes it on: soft-capping does nothing there in stock transformers, so the row leaves it unset.
     """
 
     model_type: str
@@ -72,7 +76,6 @@ DECODER_FAMILIES: dict[str, DecoderFamily] = {
             model_type="gemma3_text", package="gemma3", config_class="Gemma3TextConfig",
             attention_class="Gemma3Attention",
             model_classes=("Gemma3TextModel", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
-            softcap_attribute="attn_logit_softcapping",
         ),
         _family("phi3", "Phi3"),
         _family("gpt_neox", "GPTNeoX", head_dim_attribute="head_size"),
@@ -106,12 +109,30 @@ def make_gpam_config_class(stock_config_class: type, model_type: str, module_nam
     return types.new_class(name, (GpamConfigFields, stock_config_class), exec_body=lambda ns: ns.update(namespace))
 
 
+# stock model type -> its GPAM config class, for the families built so far
 GPAM_CONFIG_CLASSES: dict[str, type] = {}
-for _family_row in DECODER_FAMILIES.values():
-    _config_class = make_gpam_config_class(getattr(transformers, _family_row.config_class), _family_row.model_type)
-    _config_class.register_for_auto_class()
-    GPAM_CONFIG_CLASSES[_family_row.model_type] = _config_class
-    globals()[_config_class.__name__] = _config_class
-del _family_row, _config_class
+# "GpamLlamaConfig" -> "llama": which family a module attribute builds
+_FAMILY_OF_CONFIG_NAME = {gpam_class_name(row.config_class): row.model_type for row in DECODER_FAMILIES.values()}
 
-__all__ = ["DECODER_FAMILIES", "DecoderFamily", *(cls.__name__ for cls in GPAM_CONFIG_CLASSES.values())]
+
+def gpam_config_class(model_type: str) -> type:
+    """The GPAM config class of the family ``model_type`` ("llama"), built and registered on first use."""
+    config_class = GPAM_CONFIG_CLASSES.get(model_type)
+    if config_class is None:
+        row = DECODER_FAMILIES[model_type]
+        config_class = make_gpam_config_class(getattr(transformers, row.config_class), model_type)
+        config_class.register_for_auto_class()
+        GPAM_CONFIG_CLASSES[model_type] = config_class
+        globals()[config_class.__name__] = config_class
+    return config_class
+
+
+def __getattr__(name: str):
+    # module attributes of not-yet-built families (PEP 562): remote code's getattr(module, "GpamLlamaConfig")
+    model_type = _FAMILY_OF_CONFIG_NAME.get(name)
+    if model_type is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return gpam_config_class(model_type)
+
+
+__all__ = ["DECODER_FAMILIES", "DecoderFamily", "gpam_config_class", *_FAMILY_OF_CONFIG_NAME]

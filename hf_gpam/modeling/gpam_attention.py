@@ -16,6 +16,7 @@ from torch import nn
 from transformers import initialization as init
 
 from .gpam_config_fields import finite_float
+from .gpam_interface import ROTARY_LAYOUTS, rotary_layout
 
 
 class GpamLambda(nn.Module):
@@ -134,6 +135,15 @@ class GpamAttentionMixin:
         self.gpam_rotary = "position_embeddings" in inspect.signature(type(self).forward).parameters
         if self.gpam_rotary:
             self.register_forward_pre_hook(hand_on_rotary_embeddings, with_kwargs=True)
+            # which dims the stock RoPE rotates together: the relative reading undoes and redoes that rotation
+            self.gpam_rotary_layout = rotary_layout(type(self), self.head_dim)
+            if rope_variant == "relative" and self.gpam_rotary_layout is None:
+                raise ValueError(
+                    f"gpam_rope_variant='relative' needs the rotary layout of {type(self).__name__}, and its modeling "
+                    "file's apply_rotary_pos_emb matches none of the layouts daGPAM can undo "
+                    f"({', '.join(map(repr, ROTARY_LAYOUTS))}: pairs (i, i + D/2) or (2i, 2i + 1)). Use "
+                    "gpam_rope_variant='literal' (Q⁻ from the rotated query), which needs no inverse rotation."
+                )
         self.gpam_lambda_pos_init = finite_float("gpam_lambda_init", lambda_init)
         self.gpam_lambda_neg_init = (
             self.gpam_lambda_pos_init

@@ -22,59 +22,67 @@ never silently swallowed.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .gpam_config_fields import GPAM_ATTN_IMPLEMENTATIONS, gpam_backend_name
 from .gpam_ops import eager_gpam_attention, sdpa_gpam_attention
 from .gpam_version import check_transformers_version
 
 
 check_transformers_version()
 
-# the registered daGPAM backend standing for each stock backend it reproduces
-GPAM_ATTN_IMPLEMENTATIONS = {"eager": "gpam_eager", "sdpa": "gpam_sdpa"}
 SUPPORTED_ATTN_IMPLEMENTATIONS = tuple(GPAM_ATTN_IMPLEMENTATIONS)
 
-# What daGPAM does with each keyword a stock eager / sdpa attention function can receive:
+# What daGPAM does with each keyword a stock eager / sdpa attention function can receive. Stock attention modules
+# pass their **kwargs on to the attention function, so every keyword of transformers' TransformersKwargs and
+# FlashAttentionKwargs, and every loss keyword a model's forward accepts, can arrive here; tests/test_interface.py
+# walks those annotations and the loss functions' signatures, so a keyword a new release adds fails a test here
+# before it reaches a user's run.
 #   "applied"   changes the math; applied to both maps exactly as stock applies it to its one map
 #   "mask"      already encoded in the attention mask transformers built from it (sliding windows, packed
-#               sequences), which both maps share; the flash-only packing metadata is redundant with that mask
+#               sequences), which both maps share; the flash-only packing metadata is redundant with that mask.
+#               position_ids are also checked: rows that pack several sequences need a mask that separates them
 #   "ignored"   output / cache / loss arguments that do not change attention; stock eager and sdpa ignore them too
 #   "refused"   raises ValueError when set (not None): daGPAM has no definition for it yet
 KEYWORD_POLICY = {
     "softcap": "applied",
     "is_causal": "applied",
+    # (cos, sin) the stock forward rotated the query with, handed on by the GPAM attention class of a RoPE family
+    # when gpam_rope_variant="relative" (see negative_query)
+    "gpam_position_embeddings": "applied",
     "sliding_window": "mask",
     "position_ids": "mask",
     "cu_seq_lens_q": "mask",
     "cu_seq_lens_k": "mask",
     "max_length_q": "mask",
     "max_length_k": "mask",
+    # DataCollatorWithFlattening(return_seq_idx=True): the sequence index of each packed token (Mamba-style layers)
+    "seq_idx": "mask",
     "use_cache": "ignored",
+    # stock sdpa warns that it returns no maps; gpam_sdpa does the same (see warn_no_attention_maps)
     "output_attentions": "ignored",
     "output_hidden_states": "ignored",
-    "return_dict": "ignored",
-    # the Trainer's loss-normalisation count and labels travel with the model's **kwargs down to attention
+    "output_router_logits": "ignored",
+    # the loss keywords of a causal LM's forward travel with its **kwargs down to attention: the Trainer's
+    # loss-normalisation count, and shift_labels under context parallelism
     "num_items_in_batch": "ignored",
+    "shift_labels": "ignored",
+    "ignore_index": "ignored",
+    # generate(**batch) on an encoder-decoder hands the batch's labels to the encoder (Seq2SeqTrainer.predict does)
     "labels": "ignored",
-    # (cos, sin) the stock forward rotated the query with, handed on by the GPAM attention class of a RoPE family
-    # when gpam_rope_variant="relative" (see negative_query)
-    "gpam_position_embeddings": "applied",
+    # attention sinks: GPT-OSS-style families (reachable through patch_model(allow_untested=True))
     "s_aux": "refused",
-    "sinks": "refused",
-    "position_bias": "refused",
-    "cache": "refused",
 }
 REFUSED_REASONS = {
     "s_aux": "attention sinks (an extra softmax column per head) are not defined for the two daGPAM maps",
-    "sinks": "attention sinks (an extra softmax column per head) are not defined for the two daGPAM maps",
-    "position_bias": "additive position biases (T5-style) are not supported by daGPAM yet",
-    "cache": "paged attention caches (continuous batching) are not supported by daGPAM",
 }
 
 
@@ -84,17 +92,7 @@ def gpam_attn_implementation(requested: str | None) -> str:
     ``None`` (transformers' default) and ``"sdpa"`` give ``"gpam_sdpa"``, ``"eager"`` gives ``"gpam_eager"``; the
     daGPAM names themselves are returned as they are. Anything else raises ``ValueError``.
     """
-    if requested is None:
-        return GPAM_ATTN_IMPLEMENTATIONS["sdpa"]
-    if requested in GPAM_ATTN_IMPLEMENTATIONS.values():
-        return requested
-    if requested in GPAM_ATTN_IMPLEMENTATIONS:
-        return GPAM_ATTN_IMPLEMENTATIONS[requested]
-    raise ValueError(
-        f"daGPAM attention does not support attn_implementation={requested!r}; supported: "
-        f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Use attn_implementation='sdpa' (fused, default) or 'eager' "
-        "(returns the signed attention maps)."
-    )
+    return GPAM_ATTN_IMPLEMENTATIONS["sdpa"] if requested is None else gpam_backend_name(requested)
 
 
 def is_gpam_attention_module(module: torch.nn.Module) -> bool:
@@ -121,6 +119,15 @@ def check_attention_keywords(kwargs: dict, backend: str) -> dict:
             raise ValueError(f"daGPAM attention ({backend}): {name}= is not supported: {REFUSED_REASONS[name]}.")
         if policy == "applied":
             applied[name] = value
+    if backend == "sdpa" and kwargs.get("output_attentions"):
+        # stock sdpa warns and returns no maps; so does gpam_sdpa, pointing to the backend that returns P_G
+        warnings.warn(
+            "daGPAM attention (sdpa) returns no attention maps for output_attentions=True (the fused path never "
+            "builds them). Load the model with attn_implementation='eager' (or call "
+            "model.set_attn_implementation('eager')) to get the signed maps P_G.",
+            UserWarning,
+            stacklevel=3,
+        )
     if backend == "sdpa" and applied.get("softcap") is not None:
         # what stock sdpa does too: scaled_dot_product_attention has no soft-capping
         raise ValueError(
@@ -138,29 +145,81 @@ def _key_value_groups(query: torch.Tensor, key: torch.Tensor) -> int:
     return heads // kv_heads
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # the rotary layout of every RoPE family in the table: dims i and i + R/2 form one rotated pair
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+ROTARY_LAYOUTS = ("half", "interleaved")
 
 
-def rotate_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def _rotate_pairs(x: torch.Tensor, layout: str) -> torch.Tensor:
+    # "half": dims i and i + R/2 form one rotated pair (Llama, Qwen, Gemma, Phi-3, GPT-NeoX, OLMo2: every RoPE
+    # family of the table); "interleaved": dims 2i and 2i + 1 do (Cohere, GPT-J)
+    if layout == "half":
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    if layout == "interleaved":
+        return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    raise ValueError(f"rotary layout {layout!r} is not one of {', '.join(map(repr, ROTARY_LAYOUTS))}")
+
+
+def rotate_query(
+    query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False, layout: str = "half"
+) -> torch.Tensor:
     """RoPE (or its inverse) on the first R = ``cos.shape[-1]`` dims of ``query`` (B, H, T, D); the rest pass through.
 
     ``cos`` and ``sin`` are (B, T, R), as a stock rotary embedding returns them; R < D is partial rotary (GPT-NeoX
-    ``rotary_pct``, Phi-3 ``partial_rotary_factor``). RoPE scales each pair by a = √(cos² + sin²) (1 for plain RoPE,
-    the attention factor of YaRN-style scalings), so the inverse rotates back and divides by a², which undoes the
-    forward map exactly up to rounding.
+    ``rotary_pct``, Phi-3 ``partial_rotary_factor``). ``layout`` says which dims form a rotated pair (see
+    ``ROTARY_LAYOUTS``; ``rotary_layout`` finds it for a stock attention class). RoPE scales each pair by
+    a = √(cos² + sin²) (1 for plain RoPE, the attention factor of YaRN-style scalings), so the inverse rotates back
+    and divides by a², which undoes the forward map exactly up to rounding.
     """
     rotary = cos.shape[-1]
     # (B, T, R) -> (B, 1, T, R): the same angles for every head
     cos, sin = cos.unsqueeze(1).to(query.dtype), sin.unsqueeze(1).to(query.dtype)
     rot, passed = query[..., :rotary], query[..., rotary:]
     if inverse:
-        rotated = (rot * cos - _rotate_half(rot) * sin) / (cos * cos + sin * sin)
+        rotated = (rot * cos - _rotate_pairs(rot, layout) * sin) / (cos * cos + sin * sin)
     else:
-        rotated = rot * cos + _rotate_half(rot) * sin
+        rotated = rot * cos + _rotate_pairs(rot, layout) * sin
     return rotated if rotary == query.shape[-1] else torch.cat((rotated, passed), dim=-1)
+
+
+_ROTARY_LAYOUTS: dict[type, str | None] = {}
+
+
+def rotary_layout(attention_class: type, head_dim: int) -> str | None:
+    """The rotary layout (``"half"`` or ``"interleaved"``) of a stock attention class, or None if neither fits.
+
+    Read off the ``apply_rotary_pos_emb`` of the transformers modeling file that defines the class: it rotates a
+    random query with random angles laid out as each candidate layout lays them out (``cat(θ, θ)`` for "half",
+    ``repeat_interleave(θ, 2)`` for "interleaved"), and the layout whose rotation ``rotate_query`` reproduces is
+    the class's. None when the file has no such function, or it matches neither (the relative reading of Q⁻ cannot
+    be computed then).
+    """
+    if attention_class in _ROTARY_LAYOUTS:
+        return _ROTARY_LAYOUTS[attention_class]
+    apply_rotary = None
+    for base in attention_class.__mro__:
+        if base.__module__.startswith("transformers."):
+            apply_rotary = getattr(sys.modules.get(base.__module__), "apply_rotary_pos_emb", None)
+            if apply_rotary is not None:
+                break
+    found = None
+    if apply_rotary is not None and head_dim % 2 == 0:
+        generator = torch.Generator().manual_seed(0)
+        # (1, 1, T, D) query, T = 3 positions with distinct angles per pair; on the CPU explicitly, since models are
+        # often built under a meta-device context (from_pretrained)
+        query = torch.randn(1, 1, 3, head_dim, generator=generator, dtype=torch.float64, device="cpu")
+        angles = torch.rand(1, 3, head_dim // 2, generator=generator, dtype=torch.float64, device="cpu") * 6.0
+        for layout in ROTARY_LAYOUTS:
+            spread = torch.cat((angles, angles), -1) if layout == "half" else angles.repeat_interleave(2, -1)
+            cos, sin = spread.cos(), spread.sin()
+            try:
+                rotated = apply_rotary(query, query, cos, sin)[0]
+            except Exception:  # a signature this probe does not know: no layout, 'relative' is refused
+                break
+            if rotated.shape == query.shape and torch.allclose(rotated, rotate_query(query, cos, sin, layout=layout)):
+                found = layout
+                break
+    _ROTARY_LAYOUTS[attention_class] = found
+    return found
 
 
 def negative_query(
@@ -181,8 +240,12 @@ def negative_query(
     """
     if position_embeddings is not None:
         cos, sin = position_embeddings
-        unrotated = rotate_query(query, cos, sin, inverse=True)
-        return rotate_query(module.gpam_q_neg(F.relu(unrotated)), cos, sin)
+        layout = getattr(module, "gpam_rotary_layout", "half")
+        # the rotations in at least float32: in bf16 the inverse alone adds about 1 % relative error to Q⁻
+        work = torch.promote_types(query.dtype, torch.float32)
+        unrotated = rotate_query(query.to(work), cos.to(work), sin.to(work), inverse=True, layout=layout)
+        projected = module.gpam_q_neg(F.relu(unrotated).to(query.dtype))
+        return rotate_query(projected.to(work), cos.to(work), sin.to(work), layout=layout).to(query.dtype)
     if not upcast:
         return module.gpam_q_neg(F.relu(query))
     with torch.autocast(query.device.type, enabled=False):
@@ -207,6 +270,47 @@ def relative_position_embeddings(module: torch.nn.Module, applied: dict) -> tupl
             "gpam_rope_variant='literal'."
         )
     return position_embeddings
+
+
+def check_packed_rows_are_separated(
+    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, q_len: int, k_len: int, backend: str
+) -> None:
+    """Raise ``ValueError`` when ``position_ids`` restart at 0 inside a row but the mask lets the new sequence attend
+    to the one before it.
+
+    transformers builds a mask that separates packed sequences from ``position_ids`` only when no 2D attention mask
+    and no cache are given (``use_cache=False``), and some families (OPT) never do; stock attention then silently
+    attends across sequences. A row restarts where a position is 0 and does not follow its predecessor; the check
+    reads one mask entry per restart (query at the restart, key just before it). Left padding passes: its first
+    real token is position 0 and the key before it is padding, which the mask blocks. Skipped for single-token
+    steps and while ``torch.compile`` traces (a data-dependent check would break the graph).
+    """
+    if position_ids is None or q_len < 2 or position_ids.shape[-1] != q_len or torch.compiler.is_compiling():
+        return
+    # (B or 1, Tq)
+    positions = position_ids.reshape(-1, q_len)
+    restarts = (positions[:, 1:] == 0) & (positions[:, :-1] != -1)
+    if not bool(restarts.any()):
+        return
+    separated = attention_mask is not None
+    if separated:
+        rows, before = restarts.nonzero(as_tuple=True)
+        # query at the restart (before + 1) against the key just before it, in the mask's (B, H, Tq, Tk) layout
+        # (size-1 axes broadcast; queries sit at the end of the keys when a cache is in front)
+        mask = attention_mask
+        batch_index = rows if mask.shape[0] > 1 else torch.zeros_like(rows)
+        query_index = before + 1 if mask.shape[-2] > 1 else torch.zeros_like(before)
+        entries = mask[batch_index, 0, query_index, before + (k_len - q_len)]
+        allowed = entries if entries.dtype == torch.bool else entries > torch.finfo(entries.dtype).min / 2
+        separated = not bool(allowed.any())
+    if not separated:
+        raise ValueError(
+            f"daGPAM attention ({backend}): position_ids restart at 0 inside a row (several sequences packed into "
+            "one row), but the attention mask lets each sequence attend to the one before it. transformers builds "
+            "a mask that separates packed sequences only when the forward gets no attention_mask and no cache: pass "
+            "use_cache=False (and no attention_mask), as DataCollatorWithFlattening batches are meant to be used. "
+            "Families whose masks ignore position_ids (OPT) cannot run packed rows; pad them instead."
+        )
 
 
 _STOCK_EAGER_FUNCTIONS: dict[type, Callable] = {}
@@ -258,6 +362,9 @@ def gpam_eager_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     applied = check_attention_keywords(kwargs, "eager")
+    check_packed_rows_are_separated(
+        kwargs.get("position_ids"), attention_mask, query.shape[-2], key.shape[-2], "eager"
+    )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     upcast = bool(getattr(module, "reorder_and_upcast_attn", False))
     # Q⁻ from Q⁺ before K and V are repeated; repeat_kv is what stock eager functions do for grouped-query heads
@@ -294,6 +401,7 @@ def gpam_sdpa_attention_forward(
     if not is_gpam_attention_module(module):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     applied = check_attention_keywords(kwargs, "sdpa")
+    check_packed_rows_are_separated(kwargs.get("position_ids"), attention_mask, query.shape[-2], key.shape[-2], "sdpa")
     is_causal = applied.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q_len = query.shape[-2]
@@ -317,21 +425,24 @@ def gpam_sdpa_attention_forward(
     return output.transpose(1, 2).contiguous(), None
 
 
-def register_gpam_attention() -> None:
-    """Register ``gpam_eager`` and ``gpam_sdpa`` (attention and mask functions) unless they already are.
+def register_gpam_attention(replace: bool) -> None:
+    """Register ``gpam_eager`` and ``gpam_sdpa`` (attention and mask functions).
 
-    Done when this module is imported, by hf_gpam and by checkpoints' remote code alike. The first registration in a
-    process wins, so a checkpoint's copy of this file loaded next to an installed hf_gpam does not replace the
-    package's functions. The mask functions are the stock ones, so both daGPAM maps see exactly the mask (causal,
-    padding, sliding window, packed sequences) that stock attention would.
+    Done when this module is imported, by hf_gpam and by checkpoints' remote code alike. The installed package
+    always takes the names (``replace=True``); a copy shipped next to a checkpoint takes them only while they are
+    free. So whatever the import order, a process with hf_gpam installed runs the package's functions, for its own
+    models and for remote-code ones, and a checkpoint frozen on the Hub never replaces them. The mask functions
+    are the stock ones, so both daGPAM maps see exactly the mask (causal, padding, sliding window, packed
+    sequences) that stock attention would.
     """
     functions = {"eager": gpam_eager_attention_forward, "sdpa": gpam_sdpa_attention_forward}
     masks = {"eager": eager_mask, "sdpa": sdpa_mask}
     for stock, name in GPAM_ATTN_IMPLEMENTATIONS.items():
-        if name not in AttentionInterface._global_mapping:
+        if replace or name not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(name, functions[stock])
-        if name not in AttentionMaskInterface._global_mapping:
+        if replace or name not in ALL_MASK_ATTENTION_FUNCTIONS:
             AttentionMaskInterface.register(name, masks[stock])
 
 
-register_gpam_attention()
+# the package is imported as hf_gpam.modeling.gpam_interface; remote code loads this file under another name
+register_gpam_attention(replace=__name__.startswith("hf_gpam."))

@@ -10,9 +10,11 @@ For each family row (see ``configuration_gpam_decoders``) this module builds, wh
   has it): the stock classes with ``GpamDecoderModelMixin`` in front, registered for ``AutoModel``,
   ``AutoModelForCausalLM`` and ``AutoModelForSequenceClassification``.
 
-Every class is bound to a module global of its own name, with ``__module__`` naming this module, so that remote code
-(which copies this file next to the checkpoint and resolves ``modeling_gpam_decoders.GpamLlamaForCausalLM`` with
-``getattr``) finds it. Grouped-query families keep their K/V heads: W⁻ is (head_dim × head_dim), shared by all query
+A family's classes are built the first time one of them is asked for (``gpam_model_classes``, or the module attribute
+of its name), and each is then bound to a module global of its own name, with ``__module__`` naming this module, so
+that remote code (which copies this file next to the checkpoint and resolves
+``modeling_gpam_decoders.GpamLlamaForCausalLM`` with ``getattr``) finds it. A Llama checkpoint therefore builds the
+Llama classes only, and loads with a transformers that lacks any of the other families. Grouped-query families keep their K/V heads: W⁻ is (head_dim × head_dim), shared by all query
 heads, and λ has one entry per query head.
 """
 
@@ -26,7 +28,7 @@ from torch import nn
 from transformers import GenerationMixin
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from .configuration_gpam_decoders import DECODER_FAMILIES, GPAM_CONFIG_CLASSES, DecoderFamily, gpam_class_name
+from .configuration_gpam_decoders import DECODER_FAMILIES, DecoderFamily, gpam_class_name, gpam_config_class
 from .gpam_attention import GpamAttentionMixin
 from .gpam_interface import gpam_attn_implementation
 from .gpam_modeling_utils import GpamModelMixin
@@ -161,11 +163,17 @@ def register_stock_weight_conversions(stock_class: type, gpam_class: type) -> No
         register_checkpoint_conversion_mapping(gpam_class.__name__, conversions, overwrite=True)
 
 
-# stock model type -> {stock model class: GPAM model class}, in the row's order (base, causal LM, classifier)
+# stock model type -> {stock model class: GPAM model class}, in the row's order (base, causal LM, classifier), for the
+# families built so far
 GPAM_MODEL_CLASSES: dict[str, dict[type, type]] = {}
 
 
-def _build_family(family: DecoderFamily) -> None:
+def gpam_model_classes(model_type: str) -> dict[type, type]:
+    """``{stock model class: GPAM model class}`` of the family ``model_type`` ("llama"), built on first use."""
+    classes = GPAM_MODEL_CLASSES.get(model_type)
+    if classes is not None:
+        return classes
+    family = DECODER_FAMILIES[model_type]
     stock_module = stock_modeling_module(family)
     stock_attention = getattr(stock_module, family.attention_class)
     attention_class = make_gpam_attention_class(stock_attention, family.head_dim_attribute)
@@ -174,22 +182,36 @@ def _build_family(family: DecoderFamily) -> None:
     for stock_name in family.model_classes:
         stock_class = getattr(stock_module, stock_name)
         gpam_class = make_gpam_model_class(
-            stock_class, GPAM_CONFIG_CLASSES[family.model_type], attention_class, stock_attention,
-            family.softcap_attribute,
+            stock_class, gpam_config_class(model_type), attention_class, stock_attention, family.softcap_attribute,
         )
         gpam_class.register_for_auto_class(auto_class_name(stock_name))
         register_stock_weight_conversions(stock_class, gpam_class)
         globals()[gpam_class.__name__] = gpam_class
         classes[stock_class] = gpam_class
-    GPAM_MODEL_CLASSES[family.model_type] = classes
+    GPAM_MODEL_CLASSES[model_type] = classes
+    return classes
 
 
-for _family_row in DECODER_FAMILIES.values():
-    _build_family(_family_row)
-del _family_row
+# "GpamLlamaForCausalLM" (or "GpamLlamaAttention") -> "llama": which family a module attribute builds
+_FAMILY_OF_CLASS_NAME = {
+    gpam_class_name(name): row.model_type
+    for row in DECODER_FAMILIES.values()
+    for name in (row.attention_class, *row.model_classes)
+}
+
+
+def __getattr__(name: str):
+    # module attributes of not-yet-built families (PEP 562): remote code's getattr(module, "GpamLlamaForCausalLM")
+    model_type = _FAMILY_OF_CLASS_NAME.get(name)
+    if model_type is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    gpam_model_classes(model_type)
+    return globals()[name]
+
 
 __all__ = [
     "GPAM_MODEL_CLASSES",
     "GpamDecoderModelMixin",
-    *(cls.__name__ for classes in GPAM_MODEL_CLASSES.values() for cls in classes.values()),
+    "gpam_model_classes",
+    *(gpam_class_name(name) for row in DECODER_FAMILIES.values() for name in row.model_classes),
 ]
