@@ -40,7 +40,7 @@ from pathlib import Path
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_VERSIONS = ("5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0", "5.24.0")
+DEFAULT_VERSIONS = ("5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0", "5.24.0", "5.25.0")
 DEFAULT_TESTS = (
     "tests/test_ops.py",
     "tests/test_models.py",
@@ -54,6 +54,7 @@ DEFAULT_TESTS = (
     "tests/test_promises.py",
     "tests/test_decoders.py",
     "tests/test_rope.py",
+    "tests/test_contract.py",
 )
 DEFAULT_TORCH_SPEC = "torch==2.13.0"
 SKIP_VERSION_CHECK_ENV = "HF_GPAM_SKIP_VERSION_CHECK"
