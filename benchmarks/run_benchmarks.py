@@ -413,6 +413,55 @@ def bench_decode_llama(shape: dict, *, warmup, repetitions, target) -> Row:
     )
 
 
+def bench_decode_gqa_padded(shape: dict, *, warmup, repetitions, target) -> Row:
+    """Decode steps of a padded batch on a grouped-query Llama (sdpa), the prompt already in the KV cache.
+
+    One row of the batch is left-padded, so every step carries a (B, 1, 1, Tk) padding mask: SDPA's GQA mode would
+    take its math path there, and release 0.2 copied the whole cache per step with repeat_kv to serve it. Only the
+    decode steps are timed: the prompt is prefilled once, and the cache is cropped back to it after each run.
+    """
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    batch, prompt, steps = shape["batch"], shape["prompt"], shape["steps"]
+    config = LlamaConfig(
+        num_hidden_layers=shape["layers"], hidden_size=shape["d"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], head_dim=shape["d"] // shape["heads"], intermediate_size=shape["d_ff"],
+        vocab_size=shape["vocab"], max_position_embeddings=prompt + steps + 8, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    stock, gpam = stock_and_gpam(LlamaForCausalLM(config).eval())
+    ids = torch.randint(1, shape["vocab"], (batch, prompt))
+    mask = torch.ones(batch, prompt + steps, dtype=torch.long)
+    # the last row: half of its prompt is left padding
+    mask[-1, : prompt // 2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def step(model):
+        cache = DynamicCache(config=config)
+        with torch.no_grad():
+            model(ids, attention_mask=mask[:, :prompt], position_ids=positions[:, :prompt], past_key_values=cache)
+        next_ids = ids[:, -1:]
+
+        @torch.no_grad()
+        def run():
+            for index in range(prompt, prompt + steps):
+                model(next_ids, attention_mask=mask[:, : index + 1], position_ids=positions[:, index : index + 1],
+                      past_key_values=cache)
+            cache.crop(prompt)
+
+        return run
+
+    return timed_row(
+        "decode_gqa_padded",
+        f"padded batched decode, GQA: Llama {shape['heads']}/{shape['kv_heads']} heads of "
+        f"{shape['d'] // shape['heads']}, {shape['layers']} layers, B={batch}, {prompt} cached tokens (one row half "
+        f"padding), {steps} decode steps (sdpa)",
+        step(stock), step(gpam), warmup=warmup, repetitions=repetitions, target=target, floor=None,
+    )
+
+
 def bench_patch_model(shape: dict, *, repetitions, target) -> Row:
     """Wall time of ``patch_model`` on a GPT-2 LM, and the parameter overhead it adds."""
     config = gpt2_config(
@@ -584,6 +633,9 @@ SHAPES = {
                          "batch": 1, "T": 512},
         "smollm_decode": {"layers": 30, "d": 576, "heads": 9, "kv_heads": 3, "d_ff": 1536, "vocab": 49152,
                           "prompt": 32, "new_tokens": 64},
+        # the review's shape (Llama-7B attention: 32/8 heads of 128, B=4, 4,096 cached tokens), 2 layers
+        "decode_gqa_padded": {"layers": 2, "d": 4096, "heads": 32, "kv_heads": 8, "d_ff": 4096, "vocab": 1000,
+                              "batch": 4, "prompt": 4096, "steps": 8},
     },
     "quick": {
         "module": {"B": 2, "H": 12, "T": 256, "D": 64},
@@ -599,17 +651,20 @@ SHAPES = {
                          "batch": 1, "T": 128},
         "smollm_decode": {"layers": 2, "d": 576, "heads": 9, "kv_heads": 3, "d_ff": 1536, "vocab": 1000,
                           "prompt": 16, "new_tokens": 16},
+        "decode_gqa_padded": {"layers": 1, "d": 1024, "heads": 16, "kv_heads": 4, "d_ff": 1024, "vocab": 1000,
+                              "batch": 4, "prompt": 512, "steps": 4},
     },
 }
 
 TARGETS = {
     "module_sdpa": 1.55, "module_eager": 1.35, "memory_forward": 1.05, "memory_padded_encoder": 1.05, "train_gpt2": 1.12, "decode_gpt2": 1.06,
     "train_marian": 1.10, "patch_model": 1.01,
-    "module_llama_smollm": 1.55, "train_llama_smollm": 1.15, "decode_llama_smollm": 1.06,
+    "module_llama_smollm": 1.55, "train_llama_smollm": 1.15, "decode_llama_smollm": 1.06, "decode_gqa_padded": 1.10,
 }
 
 ALL_BENCHMARKS = ("module_sdpa", "module_eager", "memory_forward", "memory_padded_encoder", "train_gpt2", "decode_gpt2", "train_marian",
-                  "patch_model", "compile", "module_llama_smollm", "train_llama_smollm", "decode_llama_smollm")
+                  "patch_model", "compile", "module_llama_smollm", "train_llama_smollm", "decode_llama_smollm",
+                  "decode_gqa_padded")
 
 
 def run_all(quick: bool, only: list[str], repetitions: int | None) -> list[Row]:
@@ -630,6 +685,9 @@ def run_all(quick: bool, only: list[str], repetitions: int | None) -> list[Row]:
             row = bench_training_llama(shapes["smollm_train"], warmup=warmup, repetitions=reps, target=TARGETS[name])
         elif name == "decode_llama_smollm":
             row = bench_decode_llama(shapes["smollm_decode"], warmup=warmup, repetitions=reps, target=TARGETS[name])
+        elif name == "decode_gqa_padded":
+            row = bench_decode_gqa_padded(shapes["decode_gqa_padded"], warmup=warmup, repetitions=reps,
+                                          target=TARGETS[name])
         elif name == "memory_padded_encoder":
             row = bench_memory(shapes["memory_padded"], repetitions=max(2, reps // 4), target=TARGETS[name], name=name)
         elif name == "train_gpt2":

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types, untested_architecture
-from .modeling.gpam_attention import GpamAttentionMixin, hand_on_rotary_embeddings
-from .modeling.gpam_interface import SUPPORTED_ATTN_IMPLEMENTATIONS
+from .modeling.gpam_attention import GpamAttentionMixin, hand_on_rotary_embeddings, model_config_of
 from .modeling.gpam_config_fields import GpamConfigFields
 from .modeling.gpam_modeling_utils import GpamModelMixin, register_output_capture
 
@@ -95,8 +94,8 @@ def patch_model(model: nn.Module, *, allow_untested: bool = False, **gpam_option
 
     Args:
         model: a model class of a row of ``hf_gpam.ARCHITECTURES`` (``GPT2LMHeadModel``, ``BartModel``,
-            ``LlamaForCausalLM``, ``Qwen3ForSequenceClassification``, ...) using the ``eager`` or ``sdpa``
-            attention implementation.
+            ``LlamaForCausalLM``, ``Qwen3ForSequenceClassification``, ...), on any attention backend its stock
+            class supports (the config keeps the backend's stock name).
         allow_untested: for a family outside the table, try daGPAM anyway on a model whose attention routes
             through transformers' attention interface (see ``architectures.untested_architecture``). Right after
             patching, the λ = 0 identity is checked on a probe input (random token ids, the logits before and
@@ -148,11 +147,6 @@ def patch_model(model: nn.Module, *, allow_untested: bool = False, **gpam_option
             f"(supported classes: {supported})"
         )
     implementation = config._attn_implementation
-    if implementation not in (None, *SUPPORTED_ATTN_IMPLEMENTATIONS):
-        raise ValueError(
-            f"patch_model: the model uses attn_implementation={implementation!r}; daGPAM supports "
-            f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)}. Call model.set_attn_implementation('sdpa') first."
-        )
     check_weights_are_materialised(model)
     if untested:
         stock_class = type(model)
@@ -263,6 +257,6 @@ def unpatch(model: nn.Module, stock_class: type, stock_config) -> None:
             delattr(module, name)
         for name in [n for n in vars(module) if n.startswith("gpam_")]:
             delattr(module, name)
-        if getattr(module, "config", None) is gpam_config:
+        if model_config_of(getattr(module, "config", None)) is gpam_config:
             module.config = stock_config
     model.__class__ = stock_class

@@ -64,19 +64,19 @@ def test_every_keyword_transformers_declares_has_a_policy():
 
 
 class KeywordSpy:
-    """A registered attention backend that records the keywords it receives (those set to a value) and runs the
+    """A registered attention backend that records the keywords it receives and runs the
     stock eager function of the module's own modeling file with them."""
 
     def __init__(self):
         self.seen = set()
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        self.seen.update(name for name, v in kwargs.items() if v is not None)
+        self.seen.update(kwargs)
         eager = sys.modules[type(module).__module__].eager_attention_forward
         return eager(module, query, key, value, attention_mask, **kwargs)
 
 
-def test_every_policy_entry_reaches_the_attention_function_of_some_family():
+def test_every_policy_entry_reaches_the_attention_function_of_some_family(monkeypatch):
     spy = KeywordSpy()
     AttentionInterface.register("keyword_spy", spy)
     AttentionMaskInterface.register("keyword_spy", eager_mask)
@@ -103,6 +103,18 @@ def test_every_policy_entry_reaches_the_attention_function_of_some_family():
         layer_types=["full_attention"], attn_implementation="keyword_spy",
     ))
     oss(ids)
+    # continuous batching: its name check accepts "sdpa" only, so the spy stands in for stock sdpa there
+    from transformers import GenerationConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def sdpa_spy(module, query, key, value, attention_mask, **kwargs):
+        spy.seen.update(kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", sdpa_spy)
+    stock_model("llama", attn_implementation="sdpa").generate_batch(
+        inputs=[[3, 4, 5], [6, 7]], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False),
+    )
     ours = {"gpam_position_embeddings"}
     unreachable = sorted(set(KEYWORD_POLICY) - spy.seen - ours)
     assert not unreachable, f"policy entries no stock forward passes to attention (drop them): {unreachable}"
@@ -155,33 +167,31 @@ def test_output_attentions_on_the_config_of_an_eager_gpam_model(model_type):
         outputs = model(**inputs)
     attentions = outputs.encoder_attentions if model_type == "bart" else outputs.attentions
     assert len(attentions) == 2 and (attentions[0] < 0).any(), "the signed maps P_G"
+    # on sdpa, transformers' own refusal (the config holds the stock name)
     sdpa = gpam_model(model_type, attn_implementation="sdpa")
-    with pytest.raises(ValueError, match="output_attentions=True needs the eager backend.*'gpam_sdpa'"):
+    with pytest.raises(ValueError, match="output_attentions.*not supported.*sdpa"):
         sdpa.config.output_attentions = True
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral"])
 def test_writing_a_stock_backend_name_into_the_config_keeps_dagpam(model_type):
+    # what AttentionMaskVisualizer does: config._attn_implementation = "eager". Release 0.2 then ran stock softmax in
+    # every layer; the daGPAM modules now follow the config's stock name to the daGPAM function for it
     model = gpam_causal(model_type, "sdpa")
     inputs = model_inputs(model_type, left_padding=True)
+    valid = inputs["attention_mask"].bool()
+    zero = copy.deepcopy(model)
+    for module in zero.gpam_modules():
+        module.gpam_lambda.weight.data.zero_()
     with torch.no_grad():
         dagpam = main_output(model(**inputs))
-        # what AttentionMaskVisualizer does
-        model.config._attn_implementation = "eager"
-        assert model.config._attn_implementation == "gpam_eager"
-        eager = main_output(model(**inputs))
-        zero = copy.deepcopy(model)
-        for module in zero.gpam_modules():
-            module.gpam_lambda.weight.zero_()
         softmax = main_output(zero(**inputs))
-    valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(eager[valid], dagpam[valid], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(eager[valid], softmax[valid], atol=1e-3)
-    model.config._attn_implementation = "sdpa"
-    assert model.config._attn_implementation == "gpam_sdpa"
-    with pytest.raises(ValueError, match="does not support attn_implementation='flash_attention_2'"):
-        model.config._attn_implementation = "flash_attention_2"
-    assert model.config._attn_implementation == "gpam_sdpa"
+        for name in ("eager", "flex_attention", "sdpa"):
+            model.config._attn_implementation = name
+            assert {m.config._attn_implementation for m in model.gpam_modules()} == {f"gpam_{name}"}
+            got = main_output(model(**inputs))
+            torch.testing.assert_close(got[valid], dagpam[valid], atol=1e-5, rtol=1e-5, msg=name)
+    assert not torch.allclose(dagpam[valid], softmax[valid], atol=1e-3)
 
 
 def test_output_attentions_on_sdpa_warns_and_points_to_eager():
@@ -250,7 +260,7 @@ def test_gemma3_with_softcapping_in_its_config_runs_on_sdpa_like_stock():
         reference = main_output(stock["eager"](**inputs))
         torch.testing.assert_close(main_output(stock["sdpa"](**inputs))[valid], reference[valid], atol=1e-5, rtol=1e-5)
         patched = hf_gpam.patch_model(stock["sdpa"])
-        assert patched.config._attn_implementation == "gpam_sdpa"
+        assert patched.config._attn_implementation == "sdpa"
         torch.testing.assert_close(main_output(patched(**inputs))[valid], reference[valid], atol=1e-5, rtol=1e-5)
     model = gpam_causal("gemma3_text", "eager", attn_logit_softcapping=50.0)
     with torch.no_grad():
@@ -289,7 +299,7 @@ def test_assisted_decoding_gives_the_greedy_tokens(model_type):
         greedy = model.generate(ids, **options)
         assisted = model.generate(ids, assistant_model=assistant, **options)
     torch.testing.assert_close(assisted, greedy, atol=0, rtol=0)
-    assert model.config._attn_implementation == f"gpam_{implementation}"
+    assert model.config._attn_implementation == implementation
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_TYPES)

@@ -70,7 +70,8 @@ def test_patched_with_zero_lambda_gives_stock_outputs_on_both_backends_and_after
                 # a random W⁻: the identity must not depend on it
                 patched = hf_gpam.patch_model(stock, gpam_negative_init="normal")
                 assert type(patched) is gpam_class
-                assert patched.config._attn_implementation == f"gpam_{implementation}"
+                assert patched.config._attn_implementation == implementation
+                assert {m.config._attn_implementation for m in patched.gpam_modules()} == {f"gpam_{implementation}"}
                 assert len(patched.gpam_modules()) == 2
                 assert_close_on_valid(inputs, main_output(patched(**inputs)), expected)
         # the head model (the last converted) through save_pretrained / from_pretrained
@@ -94,7 +95,7 @@ def test_eager_and_sdpa_agree_with_nonzero_lambda_and_random_negative_weights(mo
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
         sdpa = main_output(model(**inputs))
-    assert model.config._attn_implementation == "gpam_sdpa"
+    assert model.config._attn_implementation == "sdpa"
     assert_close_on_valid(inputs, sdpa, eager)
     # and λ ≠ 0 really changes the model
     stock_like = copy.deepcopy(model)
@@ -221,7 +222,7 @@ def test_new_llama_from_its_config_class():
         vocab_size=96, gpam_lambda_init=0.3, gpam_layers=[1],
     )
     model = hf_gpam.GpamLlamaForCausalLM(config)
-    assert config.model_type == "gpam_llama" and model.config._attn_implementation == "gpam_sdpa"
+    assert config.model_type == "gpam_llama" and model.config._attn_implementation == "sdpa"
     (module,) = model.gpam_modules()
     assert module.layer_idx == 1
     ids = torch.randint(0, 96, (2, 7))
@@ -357,13 +358,13 @@ def test_gemma2_soft_capping_runs_on_eager_only_and_sdpa_is_refused(tmp_path):
     assert config.attn_logit_softcapping == 50.0
     model = hf_gpam.GpamGemma2ForCausalLM(config)
     # the default backend of a soft-capped model is eager, as in stock transformers
-    assert model.config._attn_implementation == "gpam_eager"
+    assert model.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="cannot use attn_implementation='sdpa'.*soft-capping"):
         model.set_attn_implementation("sdpa")
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
         hf_gpam.GpamGemma2ForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
-    assert hf_gpam.GpamGemma2ForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "gpam_eager"
+    assert hf_gpam.GpamGemma2ForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "eager"
     # soft-capping changes the eager daGPAM outputs (it is applied, not ignored)
     sharpen_attention(model.eval(), std=2.0)
     inputs = model_inputs("gemma2")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers import AttentionInterface, DataCollatorWithFlattening, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
@@ -88,16 +89,24 @@ def test_backends_are_registered_with_their_mask_functions():
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_backend_names_follow_the_requested_implementation(tmp_path, model_type):
+    # the model config keeps the stock name (what transformers' own checks read); the daGPAM modules read the daGPAM
+    # function for it through their config view
     model = gpam_model(model_type, attn_implementation="eager")
-    assert model.config._attn_implementation == "gpam_eager"
+    assert model.config._attn_implementation == "eager"
+    assert {m.config._attn_implementation for m in model.gpam_modules()} == {"gpam_eager"}
     model.set_attn_implementation("sdpa")
-    assert model.config._attn_implementation == "gpam_sdpa"
+    assert model.config._attn_implementation == "sdpa"
+    assert {m.config._attn_implementation for m in model.gpam_modules()} == {"gpam_sdpa"}
     model.save_pretrained(tmp_path)
-    # _attn_implementation is not saved: a reload picks its daGPAM backend again
-    assert "gpam_sdpa" not in (tmp_path / "config.json").read_text()
-    assert gpam_head_class(model_type).from_pretrained(tmp_path).config._attn_implementation == "gpam_sdpa"
+    assert "_attn_implementation" not in (tmp_path / "config.json").read_text()
+    reloaded = gpam_head_class(model_type).from_pretrained(tmp_path)
+    assert reloaded.config._attn_implementation == "sdpa"
+    assert {m.config._attn_implementation for m in reloaded.gpam_modules()} == {"gpam_sdpa"}
     eager = gpam_head_class(model_type).from_pretrained(tmp_path, attn_implementation="eager")
-    assert eager.config._attn_implementation == "gpam_eager"
+    assert {m.config._attn_implementation for m in eager.gpam_modules()} == {"gpam_eager"}
+    # the names release 0.2 configs held are accepted for the stock ones
+    eager.set_attn_implementation("gpam_sdpa")
+    assert eager.config._attn_implementation == "sdpa"
 
 
 def test_no_gpam_class_defines_forward():
@@ -243,6 +252,30 @@ def test_grouped_query_heads_share_key_value_heads_in_both_maps(backend, causal,
         torch.testing.assert_close(g.double(), w, atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("q_len", [1, 5], ids=["decode-step", "bidirectional-5"])
+def test_grouped_heads_with_a_padding_row_mask_fold_queries_instead_of_copying_the_cache(monkeypatch, q_len):
+    # a padded batch's decode step on a grouped-query model: the mask is one (B, 1, 1, Tk) row, and release 0.2
+    # copied the whole KV cache per step (repeat_kv) to serve it; now the 2 query heads of a group share the call
+    from hf_gpam.modeling import gpam_interface
+
+    def no_copy(*args):
+        raise AssertionError("repeat_kv copied K/V for a one-row mask")
+
+    monkeypatch.setattr(gpam_interface, "repeat_kv", no_copy)
+    query, key, value = qkv(heads=4, kv_heads=2, q_len=q_len, k_len=9, requires_grad=True)
+    module = ToyGpamAttention(is_causal=False)
+    mask = padding_mask(2, q_len, 9)
+    output = gpam_sdpa_attention_forward(module, query, key, value, mask)[0].transpose(1, 2)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    reference = reference_for(module.double(), *ref_inputs, mask=mask)["output"]
+    torch.testing.assert_close(output.double(), reference, atol=2e-5, rtol=2e-5)
+    upstream = torch.randn_like(reference)
+    got = torch.autograd.grad((output.double() * upstream).sum(), (query, key, value))
+    want = torch.autograd.grad((reference * upstream).sum(), ref_inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=5e-5, rtol=5e-5)
+
+
 # --- masks: no T×T copies on the fused path -------------------------------------------------------------------
 
 
@@ -371,9 +404,12 @@ def test_gpam_names_map_from_and_to_stock_names():
     assert {gpam_interface.gpam_attn_implementation(n) for n in (None, "sdpa", "gpam_sdpa")} == {"gpam_sdpa"}
     assert gpam_interface.gpam_attn_implementation("eager") == "gpam_eager"
     assert set(GPAM_ATTN_IMPLEMENTATIONS.values()) == {"gpam_eager", "gpam_sdpa"}
-    for refused in ("flash_attention_2", "flex_attention", "paged|eager"):
-        with pytest.raises(ValueError, match="supported: eager, sdpa"):
-            gpam_interface.gpam_attn_implementation(refused)
+    # every other backend: the dual-attention wrapper, registered under gpam_<name>
+    for stock in ("flash_attention_2", "flex_attention", "paged|eager"):
+        name = gpam_interface.gpam_attn_implementation(stock)
+        assert name == f"gpam_{stock}" and name in ALL_ATTENTION_FUNCTIONS
+        assert gpam_interface.stock_attn_implementation(name) == stock
+    assert gpam_interface.stock_attn_implementation("sdpa") == "sdpa"
 
 
 def test_every_attention_module_of_a_gpam_model_is_a_gpam_subclass_without_own_forward():

@@ -15,6 +15,7 @@ from .utils import (
     STOCK_CLASSES,
     gpam_head_class,
     gpam_model,
+    head_class,
     main_output,
     model_inputs,
     sharpen_attention,
@@ -37,7 +38,8 @@ def test_patched_with_zero_lambda_gives_stock_outputs_also_after_reload(tmp_path
         expected = stock(**inputs)
         # a random W⁻: the identity must not depend on it
         patched = hf_gpam.patch_model(stock, gpam_negative_init="normal")
-        assert patched.config._attn_implementation == f"gpam_{implementation}"
+        assert patched.config._attn_implementation == implementation
+        assert {m.config._attn_implementation for m in patched.gpam_modules()} == {f"gpam_{implementation}"}
         assert len(patched.gpam_modules()) > 0
         assert_same_outputs(model_type, inputs, patched(**inputs), expected)
 
@@ -59,7 +61,7 @@ def test_eager_and_sdpa_agree_with_nonzero_lambda_and_random_negative_weights(mo
         eager = model(**inputs)
         model.set_attn_implementation("sdpa")
         sdpa = model(**inputs)
-    assert model.config._attn_implementation == "gpam_sdpa"
+    assert model.config._attn_implementation == "sdpa"
     assert_same_outputs(model_type, inputs, sdpa, eager, atol=1e-5)
     # and λ ≠ 0 really changes the model
     stock_like = copy.deepcopy(model)
@@ -154,11 +156,19 @@ def test_gpam_layers_and_attention_types_select_the_converted_modules(model_type
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_unsupported_attention_implementations_are_refused(tmp_path, model_type):
+def test_other_backends_load_with_the_stock_name_and_route_to_the_dual_attention_wrapper(tmp_path, model_type):
     gpam_model(model_type).save_pretrained(tmp_path)
-    for implementation in ("flash_attention_2", "flex_attention"):
-        with pytest.raises(ValueError, match="does not support"):
-            gpam_head_class(model_type).from_pretrained(tmp_path, attn_implementation=implementation)
+    if not head_class(model_type)._supports_flex_attn:
+        # GPT-2: stock transformers refuses flex_attention for the family, and so does the GPAM class
+        with pytest.raises(ValueError, match="does not support an attention implementation through torch's flex"):
+            gpam_head_class(model_type).from_pretrained(tmp_path, attn_implementation="flex_attention")
+        return
+    model = gpam_head_class(model_type).from_pretrained(tmp_path, attn_implementation="flex_attention")
+    assert model.config._attn_implementation == "flex_attention"
+    assert {m.config._attn_implementation for m in model.gpam_modules()} == {"gpam_flex_attention"}
+    # a backend transformers cannot load here fails as it does for the stock class, before any daGPAM code runs
+    with pytest.raises((ImportError, ValueError)):
+        gpam_head_class(model_type).from_pretrained(tmp_path, attn_implementation="flash_attention_2")
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

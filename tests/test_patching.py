@@ -26,7 +26,11 @@ def test_patch_converts_class_and_config_and_keeps_the_weights(model_type, model
         if key not in ("model_type", "transformers_version", "architectures"):
             assert getattr(patched.config, key) == value, key
     # sub-modules see the new config
-    assert all(m.config is patched.config for m in patched.modules() if hasattr(m, "config"))
+    # every sub-module sees the GPAM config; the daGPAM attention modules through their routing view of it
+    from hf_gpam.modeling.gpam_attention import GpamAttentionConfig, model_config_of
+
+    assert all(model_config_of(m.config) is patched.config for m in patched.modules() if hasattr(m, "config"))
+    assert all(isinstance(m.config, GpamAttentionConfig) for m in patched.gpam_modules())
     after = dict(patched.named_parameters())
     for name, (pointer, value) in before.items():
         assert after[name].data_ptr() == pointer
@@ -114,12 +118,12 @@ def test_unknown_option_and_bad_value_are_refused_before_anything_changes():
     assert type(model) is GPT2LMHeadModel and model.config.model_type == "gpt2"
 
 
-def test_unsupported_attention_backend_is_refused():
-    model = stock_model("gpt2")
-    model.config._attn_implementation = "flex_attention"
-    with pytest.raises(ValueError, match="set_attn_implementation"):
-        hf_gpam.patch_model(model)
-    assert type(model) is GPT2LMHeadModel
+def test_a_model_on_another_backend_is_patched_and_keeps_its_backend_name():
+    model = stock_model("llama", attn_implementation="flex_attention")
+    hf_gpam.patch_model(model)
+    assert type(model).__name__ == "GpamLlamaForCausalLM"
+    assert model.config._attn_implementation == "flex_attention"
+    assert {m.config._attn_implementation for m in model.gpam_modules()} == {"gpam_flex_attention"}
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

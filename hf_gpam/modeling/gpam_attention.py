@@ -2,9 +2,10 @@
 
 ``GpamAttentionMixin`` is placed in front of transformers' own attention classes
 (``GpamBartAttention(GpamAttentionMixin, BartAttention)``) and adds only parameters: the ``forward`` is the stock
-one, which calls the attention function registered in ``gpam_interface`` where the daGPAM map is computed. A stock
-module is converted in place by ``convert_attention_module``, which is how both new models and ``patch_model`` get
-their daGPAM layers.
+one, which calls the attention function its config names. A converted module reads its model's config through
+``GpamAttentionConfig``, which names the daGPAM function registered in ``gpam_interface`` for the model's backend;
+the model's config itself keeps the stock name. A stock module is converted in place by
+``convert_attention_module``, which is how both new models and ``patch_model`` get their daGPAM layers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import initialization as init
 
 from .gpam_config_fields import finite_float
-from .gpam_interface import ROTARY_LAYOUTS, rotary_layout
+from .gpam_interface import ROTARY_LAYOUTS, gpam_attn_implementation, rotary_layout
 
 
 class GpamLambda(nn.Module):
@@ -70,6 +71,48 @@ class GpamLambda(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.weight.shape[-1]}, tied={self.tied}, trainable={self.trainable}"
+
+
+class GpamAttentionConfig:
+    """The model's config as a daGPAM attention module reads it.
+
+    Every attribute is the model config's (read and written through to it), except ``_attn_implementation``: the
+    stock forward looks its attention function up by that name, and here it names the daGPAM function for the
+    model's backend (``"sdpa"`` -> ``"gpam_sdpa"``, ``"flex_attention"`` -> ``"gpam_flex_attention"``, ...; see
+    ``gpam_interface.gpam_attn_implementation``). The model config keeps the stock name, so transformers' own checks on
+    it (continuous batching, ``output_attentions``, masks) see a stock model, and switching the backend
+    (``set_attn_implementation``, or writing the name into the config) switches the daGPAM modules with it.
+    """
+
+    def __init__(self, config):
+        self.__dict__["gpam_model_config"] = config
+
+    @property
+    def _attn_implementation(self) -> str:
+        return gpam_attn_implementation(self.gpam_model_config._attn_implementation)
+
+    def __getattr__(self, name: str):
+        if name == "gpam_model_config":
+            # not set yet (an object under construction by copy or pickle)
+            raise AttributeError(name)
+        return getattr(self.gpam_model_config, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.gpam_model_config, name, value)
+
+    def __getstate__(self) -> dict:
+        return {"gpam_model_config": self.gpam_model_config}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"GpamAttentionConfig({type(self.gpam_model_config).__name__}, backend {self._attn_implementation!r})"
+
+
+def model_config_of(config):
+    """The model config behind ``config`` (a ``GpamAttentionConfig`` or the config itself)."""
+    return config.__dict__.get("gpam_model_config", config) if config is not None else None
 
 
 def hand_on_rotary_embeddings(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -191,7 +234,14 @@ def convert_attention_module(module: nn.Module, gpam_class: type, config) -> Non
     float32, and initialised from the ``gpam_*`` fields of ``config``.
     """
     reference = next(module.parameters())
+    if getattr(module, "config", None) is None:
+        raise ValueError(
+            f"{type(module).__name__} keeps no config; daGPAM routes a module to its attention function through the "
+            "config the stock forward reads _attn_implementation from"
+        )
     module.__class__ = gpam_class
+    # the module looks its attention function up through this view (see GpamAttentionConfig)
+    module.config = GpamAttentionConfig(model_config_of(module.config))
     module.add_gpam_parameters(
         lambda_init=config.gpam_lambda_init,
         lambda_neg_init=config.gpam_lambda_neg_init,

@@ -9,35 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from transformers import PreTrainedConfig
-
 
 GPAM_MODES = ("dagpam", "softmax")
 GPAM_NEGATIVE_INITS = ("neg_identity", "normal")
 GPAM_ATTENTION_TYPES = ("self", "cross")
 GPAM_ROPE_VARIANTS = ("relative", "literal")
-# the registered daGPAM backend standing for each stock backend it reproduces (gpam_interface registers them)
-GPAM_ATTN_IMPLEMENTATIONS = {"eager": "gpam_eager", "sdpa": "gpam_sdpa"}
-
-
-def gpam_backend_name(value):
-    """The daGPAM backend a GPAM config stores for ``value`` written to ``_attn_implementation``.
-
-    Stock names map to their daGPAM twins ("eager" -> "gpam_eager", "sdpa" -> "gpam_sdpa"), the daGPAM names and None
-    stay as they are, a dict (per sub-config) is mapped value by value, and any other backend raises ``ValueError``:
-    a GPAM model run by a stock backend would silently compute softmax attention.
-    """
-    if isinstance(value, dict):
-        return {key: gpam_backend_name(item) for key, item in value.items()}
-    if value is None or value in GPAM_ATTN_IMPLEMENTATIONS.values():
-        return value
-    if value in GPAM_ATTN_IMPLEMENTATIONS:
-        return GPAM_ATTN_IMPLEMENTATIONS[value]
-    raise ValueError(
-        f"daGPAM attention does not support attn_implementation={value!r}; supported: "
-        f"{', '.join(GPAM_ATTN_IMPLEMENTATIONS)}. Use attn_implementation='sdpa' (fused, default) or 'eager' "
-        "(returns the signed attention maps)."
-    )
 
 
 def finite_float(name: str, value) -> float:
@@ -108,41 +84,6 @@ class GpamConfigFields:
         self.check_gpam_fields()
         # the stock validators (architecture, token ids) that @strict would run on the parent config class
         self.validate()
-
-    # transformers' own code writes stock backend names into configs (assisted decoding, AttentionMaskVisualizer:
-    # config._attn_implementation = "eager"). On a GPAM config that would route every layer to stock softmax
-    # attention without a word; the names are mapped to the daGPAM backends instead, and foreign backends refused.
-    @property
-    def _attn_implementation(self):
-        return self._attn_implementation_internal
-
-    @_attn_implementation.setter
-    def _attn_implementation(self, value):
-        PreTrainedConfig._attn_implementation.fset(self, gpam_backend_name(value))
-
-    # transformers accepts output_attentions only with the literal "eager" backend; gpam_eager is that backend here
-    @property
-    def output_attentions(self):
-        return self._output_attentions
-
-    @output_attentions.setter
-    def output_attentions(self, value: bool):
-        if value and self._attn_implementation is None:
-            self._attn_implementation = "eager"
-        if value and self._attn_implementation != GPAM_ATTN_IMPLEMENTATIONS["eager"]:
-            raise ValueError(
-                f"output_attentions=True needs the eager backend, and this daGPAM config uses "
-                f"{self._attn_implementation!r} (no attention maps exist on the fused path). Load the model with "
-                "attn_implementation='eager' or call model.set_attn_implementation('eager') first."
-            )
-        self._output_attentions = value
-
-    def validate_output_attentions(self):
-        if self.output_attentions and self._attn_implementation not in (GPAM_ATTN_IMPLEMENTATIONS["eager"], None):
-            raise ValueError(
-                f"output_attentions=True needs the eager backend, and this daGPAM config uses "
-                f"{self._attn_implementation!r}. Use attn_implementation='eager'."
-            )
 
     def gpam_num_layers(self) -> int:
         """Number of layer indices ``gpam_layers`` may name."""

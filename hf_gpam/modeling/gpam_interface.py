@@ -6,12 +6,21 @@ projections, q/k norms, rotary embeddings and KV-cache update, then calls
     ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)(
         module, query, key, value, attention_mask, dropout=..., scaling=..., **kwargs)
 
-daGPAM lives entirely behind that call. This file registers two attention functions, ``gpam_eager`` and
-``gpam_sdpa``, with ``AttentionInterface`` (and their mask functions with ``AttentionMaskInterface``, without which
-transformers would build no mask for an unknown name). A GPAM model's config names one of them. The function gets
-the module, so its ``gpam_q_neg`` (W⁻) and ``gpam_lambda`` (λ) are at hand, and ``query`` is Q⁺ exactly as it
-enters the softmax. Modules without daGPAM parameters (unselected layers, ``gpam_mode="softmax"``) are handed to
-the stock function with the same arguments, so they compute exactly what transformers computes.
+daGPAM lives entirely behind that call, and is routed there by module, not by model: a GPAM model's config keeps the
+stock backend name ("sdpa", "eager", "flex_attention", "paged|eager", "flash_attention_2", a Hub kernel), so every
+check transformers makes on that name (continuous batching, ``transformers serve``, ``output_attentions``, mask
+creation) sees a stock model. Each daGPAM attention module reads the config through ``GpamAttentionConfig``
+(``gpam_attention``), whose ``_attn_implementation`` is the daGPAM function registered for that backend:
+
+- ``gpam_eager``: the maps materialised, the signed P_G returned (``eager``);
+- ``gpam_sdpa``: fused through ``scaled_dot_product_attention`` with no T×T tensor (``sdpa``);
+- ``gpam_<backend>`` for every other backend: ``dual_attention_forward`` around the stock function. Q⁺ and Q⁻ share K
+  and V, so daGPAM is the stock function over 2H query heads laid out as grouped-query groups ([Q⁺; Q⁻] per K/V
+  head), followed by O = (1+λ⁺)·O⁺ − λ⁻·O⁻. Any backend that supports grouped-query attention runs that layout.
+
+The function gets the module, so its ``gpam_q_neg`` (W⁻) and ``gpam_lambda`` (λ) are at hand, and ``query`` is Q⁺
+exactly as it enters the softmax. Modules without daGPAM parameters (unselected layers, ``gpam_mode="softmax"``) keep
+the stock config and never reach these functions; a module that does is handed to the stock function unchanged.
 
 No stock ``forward`` is copied: when transformers renames something inside its attention modules (5.24 renamed
 ``past_key_values=`` to ``cache=``), the stock forward still does it right, and daGPAM only sees the keywords that
@@ -32,14 +41,16 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .gpam_config_fields import GPAM_ATTN_IMPLEMENTATIONS, gpam_backend_name
-from .gpam_ops import eager_gpam_attention, sdpa_gpam_attention
+from .gpam_ops import broadcasts_over_queries, combine_dual_attention, eager_gpam_attention, sdpa_gpam_attention
 from .gpam_version import check_transformers_version
 
 
 check_transformers_version()
 
-SUPPORTED_ATTN_IMPLEMENTATIONS = tuple(GPAM_ATTN_IMPLEMENTATIONS)
+# the daGPAM functions written for the stock eager and sdpa backends; every other backend gets "gpam_<name>", the
+# dual-attention wrapper around its stock function (registered on first use)
+GPAM_ATTN_IMPLEMENTATIONS = {"eager": "gpam_eager", "sdpa": "gpam_sdpa"}
+GPAM_BACKEND_PREFIX = "gpam_"
 
 # What daGPAM does with each keyword a stock eager / sdpa attention function can receive. Stock attention modules
 # pass their **kwargs on to the attention function, so every keyword of transformers' TransformersKwargs and
@@ -51,6 +62,9 @@ SUPPORTED_ATTN_IMPLEMENTATIONS = tuple(GPAM_ATTN_IMPLEMENTATIONS)
 #               sequences), which both maps share; the flash-only packing metadata is redundant with that mask.
 #               position_ids are also checked: rows that pack several sequences need a mask that separates them
 #   "ignored"   output / cache / loss arguments that do not change attention; stock eager and sdpa ignore them too
+#   "paged"     continuous batching's paged-cache bookkeeping: ignored by gpam_eager / gpam_sdpa (the mask describes
+#               the batch), passed on by the dual-attention wrapper; the packed-row check is skipped (paged K/V are not
+#               laid out by position)
 #   "refused"   raises ValueError when set (not None): daGPAM has no definition for it yet
 KEYWORD_POLICY = {
     "softcap": "applied",
@@ -78,6 +92,13 @@ KEYWORD_POLICY = {
     "ignore_index": "ignored",
     # generate(**batch) on an encoder-decoder hands the batch's labels to the encoder (Seq2SeqTrainer.predict does)
     "labels": "ignored",
+    # continuous batching's bookkeeping (paged KV cache, batched logits): the cache hands the attention function the
+    # gathered K/V, and the mask it builds describes the batch layout; the wrapper passes them on to paged backends
+    "read_index": "paged",
+    "write_index": "paged",
+    "block_table": "paged",
+    "logits_indices": "paged",
+    "logits_processor_args": "paged",
     # attention sinks: GPT-OSS-style families (reachable through patch_model(allow_untested=True))
     "s_aux": "refused",
 }
@@ -86,13 +107,28 @@ REFUSED_REASONS = {
 }
 
 
-def gpam_attn_implementation(requested: str | None) -> str:
-    """The registered daGPAM backend for a requested ``attn_implementation``.
+def gpam_attn_implementation(stock_name: str | None) -> str:
+    """The registered daGPAM function that a daGPAM attention module calls when its model runs ``stock_name``.
 
-    ``None`` (transformers' default) and ``"sdpa"`` give ``"gpam_sdpa"``, ``"eager"`` gives ``"gpam_eager"``; the
-    daGPAM names themselves are returned as they are. Anything else raises ``ValueError``.
+    ``"eager"`` -> ``"gpam_eager"``, ``"sdpa"`` and None (a module used alone) -> ``"gpam_sdpa"``, any other backend
+    ``X`` -> ``"gpam_X"``, the dual-attention wrapper around X's stock function, registered here on first use. A
+    daGPAM name (what release 0.2 configs held) is returned as it is.
     """
-    return GPAM_ATTN_IMPLEMENTATIONS["sdpa"] if requested is None else gpam_backend_name(requested)
+    if stock_name is None:
+        return GPAM_ATTN_IMPLEMENTATIONS["sdpa"]
+    if stock_name.startswith(GPAM_BACKEND_PREFIX):
+        return stock_name
+    name = GPAM_ATTN_IMPLEMENTATIONS.get(stock_name, GPAM_BACKEND_PREFIX + stock_name)
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, dual_attention_function(stock_name))
+    return name
+
+
+def stock_attn_implementation(name: str | None) -> str | None:
+    """The stock backend a model config holds for ``name``: ``"gpam_sdpa"`` -> ``"sdpa"``; stock names unchanged."""
+    if name is not None and name.startswith(GPAM_BACKEND_PREFIX):
+        return name[len(GPAM_BACKEND_PREFIX):]
+    return name
 
 
 def is_gpam_attention_module(module: torch.nn.Module) -> bool:
@@ -313,6 +349,11 @@ def check_packed_rows_are_separated(
         )
 
 
+def is_paged_call(kwargs: dict) -> bool:
+    """Whether the attention function is called by continuous batching (a paged KV cache's bookkeeping is present)."""
+    return any(KEYWORD_POLICY.get(name) == "paged" and value is not None for name, value in kwargs.items())
+
+
 _STOCK_EAGER_FUNCTIONS: dict[type, Callable] = {}
 
 
@@ -362,9 +403,10 @@ def gpam_eager_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     applied = check_attention_keywords(kwargs, "eager")
-    check_packed_rows_are_separated(
-        kwargs.get("position_ids"), attention_mask, query.shape[-2], key.shape[-2], "eager"
-    )
+    if not is_paged_call(kwargs):
+        check_packed_rows_are_separated(
+            kwargs.get("position_ids"), attention_mask, query.shape[-2], key.shape[-2], "eager"
+        )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     upcast = bool(getattr(module, "reorder_and_upcast_attn", False))
     # Q⁻ from Q⁺ before K and V are repeated; repeat_kv is what stock eager functions do for grouped-query heads
@@ -401,7 +443,10 @@ def gpam_sdpa_attention_forward(
     if not is_gpam_attention_module(module):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     applied = check_attention_keywords(kwargs, "sdpa")
-    check_packed_rows_are_separated(kwargs.get("position_ids"), attention_mask, query.shape[-2], key.shape[-2], "sdpa")
+    if not is_paged_call(kwargs):
+        check_packed_rows_are_separated(
+            kwargs.get("position_ids"), attention_mask, query.shape[-2], key.shape[-2], "sdpa"
+        )
     is_causal = applied.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q_len = query.shape[-2]
@@ -410,9 +455,15 @@ def gpam_sdpa_attention_forward(
         # prefill into an empty static cache: the kernel's causal mask is top-left aligned, the unused slots go
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     groups = _key_value_groups(query, key)
-    # grouped-query heads: the kernel reads shared K/V heads itself when no mask forces its math path (stock's rule)
+    # grouped-query heads: the kernel reads shared K/V heads itself when no mask forces its math path (stock's rule);
+    # with a one-row mask (padded decode steps) the query heads of a group are folded into the query axis instead,
+    # so the KV cache is never copied per step; only other masks (padded prefill) repeat K and V, as stock does
     enable_gqa = groups > 1 and attention_mask is None
-    if groups > 1 and not enable_gqa:
+    fold = (
+        groups > 1 and not enable_gqa and not is_causal and attention_mask.shape[1] == 1
+        and broadcasts_over_queries(attention_mask)
+    )
+    if groups > 1 and not enable_gqa and not fold:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     lambda_pos, lambda_neg = module.gpam_lambda()
     # Q⁻ is handed over without a name here, so the kernel can free it after its use (see sdpa_gpam_attention)
@@ -421,8 +472,87 @@ def gpam_sdpa_attention_forward(
         lambda_pos, lambda_neg,
         scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
         attention_mask=attention_mask, is_causal=is_causal, dropout_p=dropout, enable_gqa=enable_gqa,
+        fold_groups=groups if fold else 1,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+class DoubledQueryHeads:
+    """An attention module as a stock attention function sees it when called with 2H query heads.
+
+    Every attribute is the module's, except ``num_key_value_groups``: the stock functions repeat K/V heads by it (eager,
+    paged eager) or derive grouped-query attention from the shapes (sdpa, flex, flash), and the doubled layout has
+    2n query heads per K/V head.
+    """
+
+    def __init__(self, module: torch.nn.Module, groups: int):
+        self.__dict__.update(module=module, num_key_value_groups=groups)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["module"], name)
+
+
+def _combine_heads_last(positive: torch.Tensor, negative: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    # (B, T, H, D) outputs of the attention functions: combine per head on axis 2
+    lambda_pos, lambda_neg = module.gpam_lambda()
+    return combine_dual_attention(
+        positive.transpose(1, 2), negative.transpose(1, 2), lambda_pos, lambda_neg
+    ).transpose(1, 2)
+
+
+def dual_attention_function(stock_name: str) -> Callable:
+    """The daGPAM function ``gpam_<stock_name>``: the stock function of ``stock_name`` over 2H query heads.
+
+    Q⁺ and Q⁻ (B, H, Tq, D) share K and V (B, H_kv, Tk, D), so each K/V head g serves its n = H / H_kv positive and its
+    n negative query heads: [Q⁺_g; Q⁻_g] laid out as one grouped-query group of 2n heads. The stock function attends
+    over that layout (its own mask, cache, sliding window, soft-capping and GQA handling, applied to both maps alike),
+    and O = (1+λ⁺)·O⁺ − λ⁻·O⁻ follows outside it. The stock function is looked up at call time, so a kernel
+    registered later under the same name is the one used. Returned attention maps, where the backend returns any,
+    are combined the same way into the signed P_G.
+    """
+
+    def dual_attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask,
+        **kwargs,
+    ):
+        stock = ALL_ATTENTION_FUNCTIONS.get_interface(stock_name, stock_eager_attention_function(module))
+        if not is_gpam_attention_module(module):
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        applied = check_attention_keywords({k: v for k, v in kwargs.items() if k not in ("dropout", "scaling")},
+                                           stock_name)
+        passed = {name: v for name, v in kwargs.items() if name != "gpam_position_embeddings"}
+        query_neg = negative_query(module, query, position_embeddings=relative_position_embeddings(module, applied))
+        batch, heads, q_len, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = _key_value_groups(query, key)
+        # (B, H, Tq, D) -> (B, H_kv, 2, n, Tq, D) -> (B, 2H, Tq, D): per K/V head its n positive, then n negative heads
+        doubled = torch.stack(
+            (query.reshape(batch, kv_heads, groups, q_len, dim), query_neg.reshape(batch, kv_heads, groups, q_len, dim)),
+            dim=2,
+        ).reshape(batch, 2 * heads, q_len, dim)
+        output, weights = stock(DoubledQueryHeads(module, 2 * groups), doubled, key, value, attention_mask, **passed)
+        # (B, Tq, 2H, D) -> (B, Tq, H_kv, 2, n, D)
+        output = output.reshape(batch, q_len, kv_heads, 2, groups, dim)
+        combined = _combine_heads_last(
+            output[:, :, :, 0].reshape(batch, q_len, heads, dim), output[:, :, :, 1].reshape(batch, q_len, heads, dim),
+            module,
+        )
+        if weights is not None:
+            # (B, 2H, Tq, Tk) -> the signed map (B, H, Tq, Tk)
+            weights = weights.reshape(batch, kv_heads, 2, groups, q_len, -1)
+            lambda_pos, lambda_neg = module.gpam_lambda()
+            weights = combine_dual_attention(
+                weights[:, :, 0].reshape(batch, heads, q_len, -1), weights[:, :, 1].reshape(batch, heads, q_len, -1),
+                lambda_pos, lambda_neg,
+            )
+        return combined, weights
+
+    dual_attention_forward.__qualname__ = dual_attention_forward.__name__ = f"gpam_{stock_name}_attention_forward"
+    return dual_attention_forward
 
 
 def register_gpam_attention(replace: bool) -> None:
@@ -440,8 +570,15 @@ def register_gpam_attention(replace: bool) -> None:
     for stock, name in GPAM_ATTN_IMPLEMENTATIONS.items():
         if replace or name not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(name, functions[stock])
+        # models hold stock names, whose stock masks they get; the daGPAM names keep theirs for code written for 0.2
         if replace or name not in ALL_MASK_ATTENTION_FUNCTIONS:
             AttentionMaskInterface.register(name, masks[stock])
+    # the wrapper for every other backend transformers has now (others, e.g. Hub kernels, on first use)
+    for stock in list(ALL_ATTENTION_FUNCTIONS.valid_keys()):
+        name = GPAM_BACKEND_PREFIX + stock
+        if stock not in GPAM_ATTN_IMPLEMENTATIONS and not stock.startswith(GPAM_BACKEND_PREFIX):
+            if replace or name not in ALL_ATTENTION_FUNCTIONS:
+                AttentionInterface.register(name, dual_attention_function(stock))
 
 
 # the package is imported as hf_gpam.modeling.gpam_interface; remote code loads this file under another name

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .gpam_attention import GpamAttentionMixin, convert_attention_module
-from .gpam_interface import gpam_attn_implementation
+from .gpam_interface import stock_attn_implementation
 
 
 def register_output_capture(model_class: type) -> None:
@@ -34,10 +34,9 @@ class GpamModelMixin:
     gpam_attention_class: type = None
     # set where the stock class leaves ``loss_type`` unresolved
     gpam_loss_type: str | None = None
-    # daGPAM is implemented behind two registered backends, gpam_eager and gpam_sdpa (see gpam_interface);
-    # transformers refuses flash and flex at load time, and get_correct_attn_implementation maps the rest
-    _supports_flash_attn = False
-    _supports_flex_attn = False
+    # every backend the stock class supports runs daGPAM (gpam_interface): eager and sdpa through their own daGPAM
+    # functions, the others (flex, flash, paged, Hub kernels) through the dual-attention wrapper; the stock
+    # _supports_* flags stand.
     # the attention modules route through ALL_ATTENTION_FUNCTIONS (padding-free / packed batches work)
     _supports_attention_backend = True
     # λ is a handful of numbers per layer whose updates would be rounded away in half precision: float32 whatever
@@ -53,10 +52,9 @@ class GpamModelMixin:
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         # The public hook through which transformers resolves every requested backend (construction,
-        # from_pretrained, set_attn_implementation): "sdpa" / None become the registered "gpam_sdpa", "eager" becomes
-        # "gpam_eager", anything else is refused. _attn_implementation is never saved in config.json, so this is
-        # also how a reloaded checkpoint gets its daGPAM backend back.
-        return super().get_correct_attn_implementation(gpam_attn_implementation(requested_attention), is_init_check)
+        # from_pretrained, set_attn_implementation). The model config holds the stock name; the daGPAM names release
+        # 0.2 used ("gpam_sdpa", "gpam_eager") are accepted for the stock ones.
+        return super().get_correct_attn_implementation(stock_attn_implementation(requested_attention), is_init_check)
 
     def convert_to_gpam(self) -> None:
         """Convert, in place, every stock attention module that the config selects for daGPAM.
@@ -64,8 +62,7 @@ class GpamModelMixin:
         Used by ``__init__`` and by ``hf_gpam.patch_model``, so a new model and a patched one are built alike.
         """
         self.config.check_gpam_fields()
-        # raises for a backend daGPAM does not implement
-        self.config._attn_implementation = gpam_attn_implementation(self.config._attn_implementation)
+        self.config._attn_implementation = stock_attn_implementation(self.config._attn_implementation)
         for layer_idx, kind, module in self.gpam_attention_sites():
             if self.config.gpam_layer_enabled(layer_idx, kind) and not isinstance(module, GpamAttentionMixin):
                 convert_attention_module(module, self.gpam_attention_class, self.config)

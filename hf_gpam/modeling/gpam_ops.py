@@ -212,11 +212,17 @@ def sdpa_gpam_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     enable_gqa: bool = False,
+    fold_groups: int = 1,
 ) -> torch.Tensor:
     """Fused daGPAM: two softmax attentions through ``scaled_dot_product_attention``, combined linearly.
 
     ``is_causal`` is SDPA's flag (top-left aligned; only meaningful with ``attention_mask=None`` and Tq == Tk).
     ``enable_gqa`` lets K and V have fewer heads than the queries (grouped-query attention), read without copies.
+    ``fold_groups`` = n > 1 reads grouped K/V heads another way, for masks that SDPA's GQA mode would send down its
+    math path: the n query heads sharing a K/V head are folded into the query axis, (B, H, Tq, D) ->
+    (B, H/n, n·Tq, D), so one call attends with K and V as they are. Only valid when the mask is one row shared by
+    every query and head ((B, 1, 1, Tk), padding masks of decode steps) and ``is_causal`` is False; nothing is
+    copied but the query (one row per head in a decode step).
 
     Two layouts, neither with any T×T tensor:
       * decode steps (one query row): one call with [Q⁺; Q⁻] stacked along the query axis, which reads the KV cache
@@ -233,10 +239,22 @@ def sdpa_gpam_attention(
     Returns the output (B, H, Tq, D).
     """
     q_len = query.shape[-2]
-    sdpa = F.scaled_dot_product_attention
     if attention_mask is not None and broadcasts_over_queries(attention_mask):
         # one mask row shared by every query: a view of that row broadcasts over any number of queries
         attention_mask = attention_mask[..., :1, :]
+    if fold_groups > 1 and (
+        is_causal or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1:3] != (1, 1)
+    ):
+        raise ValueError("sdpa_gpam_attention: fold_groups needs a one-row (B, 1, 1, Tk) mask and is_causal=False")
+
+    def sdpa(queries, key, value, **options):
+        if fold_groups == 1:
+            return F.scaled_dot_product_attention(queries, key, value, **options)
+        batch, heads, length, dim = queries.shape
+        # (B, H, T, D) -> (B, H/n, n·T, D): query head h = g·n + r reads K/V head g, as repeat_kv would give it
+        folded = queries.reshape(batch, heads // fold_groups, fold_groups * length, dim)
+        return F.scaled_dot_product_attention(folded, key, value, **options).reshape(batch, heads, length, dim)
+
     if q_len == 1 and not is_causal:
         # (B, H, 2, D): both queries of a decode step in one call
         stacked = torch.cat([query, query_neg], dim=-2)

@@ -30,7 +30,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 
 from .configuration_gpam_decoders import DECODER_FAMILIES, DecoderFamily, gpam_class_name, gpam_config_class
 from .gpam_attention import GpamAttentionMixin
-from .gpam_interface import gpam_attn_implementation
+from .gpam_interface import stock_attn_implementation
 from .gpam_modeling_utils import GpamModelMixin
 
 
@@ -98,7 +98,7 @@ class GpamDecoderModelMixin(GpamModelMixin):
         super().convert_to_gpam()
 
     def _check_gpam_backend(self, requested: str) -> None:
-        if gpam_attn_implementation(requested) != "gpam_eager":
+        if stock_attn_implementation(requested) == "sdpa":
             raise ValueError(
                 f"{type(self).__name__} cannot use attn_implementation={requested!r}: {self._gpam_eager_only_reason()}."
             )
