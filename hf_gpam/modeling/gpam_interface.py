@@ -519,7 +519,11 @@ def dual_attention_function(stock_name: str) -> Callable:
         attention_mask,
         **kwargs,
     ):
-        stock = ALL_ATTENTION_FUNCTIONS.get_interface(stock_name, stock_eager_attention_function(module))
+        if stock_name in ALL_ATTENTION_FUNCTIONS:
+            stock = ALL_ATTENTION_FUNCTIONS[stock_name]
+        else:
+            # a name transformers resolves itself (a deprecated "paged|" prefix, or the module's own eager function)
+            stock = ALL_ATTENTION_FUNCTIONS.get_interface(stock_name, stock_eager_attention_function(module))
         if not is_gpam_attention_module(module):
             return stock(module, query, key, value, attention_mask, **kwargs)
         applied = check_attention_keywords({k: v for k, v in kwargs.items() if k not in ("dropout", "scaling")},

@@ -1,0 +1,186 @@
+"""daGPAM on every attention backend that runs on a CPU (issue 14): the dual-attention wrapper (the stock function over
+2H query heads, [Q⁺; Q⁻] per K/V head) against the float64 reference on flex_attention and paged eager, every family
+on flex_attention against its eager daGPAM outputs, and continuous batching (``generate_batch`` and
+``ContinuousBatchingManager``) against ``generate``, with λ ≠ 0 and a random W⁻. GPU backends (flash, Hub kernels) are
+checked by ``benchmarks/gpu_check.py`` on a GPU machine."""
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from hf_gpam.modeling import gpam_interface
+
+from .test_decoders import backends, randomise_gpam, without_dropout
+from .test_interface import ToyGpamAttention, qkv, reference_for
+from .utils import DECODER_TYPES, gpam_model, head_class, main_output, model_inputs, sharpen_attention
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def gpam_causal(model_type, implementation, **overrides):
+    model = gpam_model(model_type, attn_implementation=implementation, **overrides)
+    without_dropout(model.config)
+    return randomise_gpam(sharpen_attention(model))
+
+
+# --- the wrapper against the float64 reference -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_flex_attention_wrapper_matches_the_reference(kv_heads, causal):
+    # forward only: torch's flex_attention has no backward on the CPU (the GPU check script trains through it)
+    query, key, value = qkv(heads=4, kv_heads=kv_heads, q_len=7, k_len=7)
+    module = ToyGpamAttention()
+    mask = None
+    if causal:
+        mask = create_block_mask(lambda b, h, q, k: q >= k, B=None, H=None, Q_LEN=7, KV_LEN=7, device="cpu")
+    function = ALL_ATTENTION_FUNCTIONS[gpam_interface.gpam_attn_implementation("flex_attention")]
+    with torch.no_grad():
+        output = function(module, query, key, value, mask, scaling=8**-0.5)[0].transpose(1, 2)
+    reference = reference_for(module.double(), *(t.double() for t in (query, key, value)), is_causal=causal)
+    torch.testing.assert_close(output.double(), reference["output"], atol=2e-5, rtol=2e-5)
+
+
+def test_dual_attention_wrapper_passes_gradients_to_the_negative_projection_and_lambda():
+    # the wrapper around a stock function that has a CPU backward (paged eager): W⁻, λ, Q, K, V all get gradients
+    query, key, value = qkv(heads=4, kv_heads=2, q_len=5, k_len=5, requires_grad=True)
+    module = ToyGpamAttention()
+    module.num_key_value_groups = 2
+    function = ALL_ATTENTION_FUNCTIONS[gpam_interface.gpam_attn_implementation("paged|eager")]
+    output = function(module, query, key, value, None, scaling=8**-0.5)[0].transpose(1, 2)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    reference = reference_for(module.double(), *ref_inputs)["output"]
+    upstream = torch.randn_like(reference)
+    got = torch.autograd.grad((output.double() * upstream).sum(), (query, key, value), retain_graph=True)
+    want = torch.autograd.grad((reference * upstream).sum(), ref_inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=5e-5, rtol=5e-5)
+    (output.double() * upstream).sum().backward()
+    assert module.gpam_q_neg.weight.grad.abs().sum() > 0 and module.gpam_lambda.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "padded"])
+def test_paged_eager_wrapper_matches_the_reference_and_returns_the_signed_map(masked):
+    query, key, value = qkv(heads=4, kv_heads=2, q_len=5, k_len=5)
+    module = ToyGpamAttention()
+    module.num_key_value_groups = 2
+    mask = None
+    if masked:
+        keep = torch.ones(5, 5, dtype=torch.bool).tril()
+        mask = torch.zeros(5, 5).masked_fill(~keep, torch.finfo(torch.float32).min)
+    function = ALL_ATTENTION_FUNCTIONS[gpam_interface.gpam_attn_implementation("paged|eager")]
+    output, p_gpam = function(module, query, key, value, mask, scaling=8**-0.5)
+    reference = reference_for(
+        module.double(), *(t.double() for t in (query, key, value)), mask=None if mask is None else mask.double()
+    )
+    torch.testing.assert_close(output.transpose(1, 2).double(), reference["output"], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(p_gpam.double(), reference["p_gpam"], atol=2e-5, rtol=2e-5)
+
+
+def test_stock_modules_reach_the_stock_function_through_the_wrapper():
+    query, key, value = qkv()
+    module = ToyGpamAttention(gpam=False)
+    function = ALL_ATTENTION_FUNCTIONS[gpam_interface.gpam_attn_implementation("flex_attention")]
+    stock = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+    torch.testing.assert_close(
+        function(module, query, key, value, None, scaling=0.3)[0], stock(module, query, key, value, None, scaling=0.3)[0],
+        atol=0, rtol=0,
+    )
+
+
+def test_attention_sinks_are_refused_by_the_wrapper():
+    query, key, value = qkv()
+    function = ALL_ATTENTION_FUNCTIONS[gpam_interface.gpam_attn_implementation("flex_attention")]
+    with pytest.raises(ValueError, match="s_aux= is not supported"):
+        function(ToyGpamAttention(), query, key, value, None, s_aux=torch.zeros(4))
+
+
+# --- every family on flex_attention ------------------------------------------------------------------------------
+
+
+FLEX_TYPES = [t for t in [*DECODER_TYPES, "gpt2", "bart"] if head_class(t)._supports_flex_attn]
+
+
+@pytest.mark.parametrize("model_type", FLEX_TYPES)
+def test_flex_attention_gives_the_eager_dagpam_outputs(model_type):
+    model = gpam_causal(model_type, "eager")
+    inputs = model_inputs(model_type)
+    with torch.no_grad():
+        eager = main_output(model(**inputs))
+        model.set_attn_implementation("flex_attention")
+        assert model.config._attn_implementation == "flex_attention"
+        assert {m.config._attn_implementation for m in model.gpam_modules()} == {"gpam_flex_attention"}
+        flex = main_output(model(**inputs))
+    valid = inputs["attention_mask"].bool() if model_type != "bart" else torch.ones(flex.shape[:2], dtype=torch.bool)
+    torch.testing.assert_close(flex[valid], eager[valid], atol=2e-5, rtol=2e-5)
+
+
+# --- continuous batching ---------------------------------------------------------------------------------------
+
+PROMPTS = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]
+NEW_TOKENS = 6
+
+
+def batch_config(model):
+    # no end-of-sequence token, so every request generates exactly NEW_TOKENS tokens, on both paths
+    model.generation_config.eos_token_id = None
+    return GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                            pad_token_id=model.config.pad_token_id)
+
+
+# a small paged cache: sized from free memory by default, which costs seconds on a CPU
+SMALL_CACHE = dict(page_size=16, num_blocks=16, max_batch_tokens=64)
+
+
+def greedy_tokens(model):
+    config = batch_config(model)
+    tokens = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist() for p in PROMPTS]
+    assert all(len(t) == NEW_TOKENS for t in tokens)
+    return tokens
+
+
+CB_CASES = [("gpt2", "sdpa"), ("llama", "sdpa"), ("qwen3", "sdpa"), ("llama", "eager")]
+
+
+@pytest.mark.parametrize(("model_type", "implementation"), CB_CASES, ids=[f"{m}-{i}" for m, i in CB_CASES])
+def test_generate_batch_gives_the_greedy_tokens_of_generate(model_type, implementation):
+    model = gpam_causal(model_type, implementation)
+    with torch.no_grad():
+        expected = greedy_tokens(model)
+        results = model.generate_batch(
+            inputs=PROMPTS, generation_config=batch_config(model),
+            continuous_batching_config=ContinuousBatchingConfig(**SMALL_CACHE),
+        )
+    got = [results[request].generated_tokens for request in sorted(results, key=lambda r: int(r.split("_")[-1]))]
+    assert got == expected
+    # continuous batching ran under the stock names it accepts ("sdpa", "paged|eager"), and daGPAM was on: the same
+    # model with λ = 0 generates other tokens
+    for module in model.gpam_modules():
+        module.gpam_lambda.weight.data.zero_()
+    with torch.no_grad():
+        assert greedy_tokens(model) != expected
+
+
+def test_continuous_batching_manager_gives_the_greedy_tokens_of_generate():
+    model = gpam_causal("llama", "sdpa")
+    with torch.no_grad():
+        expected = greedy_tokens(model)
+    manager = model.init_continuous_batching(
+        generation_config=batch_config(model), continuous_batching_config=ContinuousBatchingConfig(**SMALL_CACHE)
+    )
+    manager.start()
+    try:
+        ids = [manager.add_request(input_ids=p, max_new_tokens=NEW_TOKENS) for p in PROMPTS]
+        results = {}
+        for _ in range(len(ids)):
+            result = manager.get_result(timeout=60)
+            assert result is not None, "no result within 60 s"
+            results[result.request_id] = result.generated_tokens
+    finally:
+        manager.stop(block=True, timeout=60)
+    assert [results[i] for i in ids] == expected
