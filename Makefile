@@ -2,6 +2,8 @@
 #   make run    the main job: the language-modeling recipe on its embedded default corpus
 #   make test   the test suite (what .ci/run runs)
 #   make demo   a 10-second tour: new model, patch, save, reload with trust_remote_code
+#   make test-serving  hf-gpam serve (transformers' OpenAI-compatible server) queried with the openai client, with
+#               and without continuous batching (installs the serving extra into .venv)
 #   make compat the core tests once per transformers release of the verified range, each in its own venv under
 #               .compat/ (for releases; COMPAT_VERSIONS="5.23.0 5.24.0", COMPAT_TESTS=tests/test_ops.py to narrow)
 # GPU users: make test TORCH_SPEC="torch" (or any pip requirement) to keep a CUDA build.
@@ -16,7 +18,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run demo test test-slow venv compat clean clean-compat
+.PHONY: run demo test test-slow test-serving venv compat clean clean-compat
 
 venv: $(VENV)/.installed
 
@@ -37,6 +39,13 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+$(VENV)/.serving-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[serving]"
+	touch $@
+
+test-serving: $(VENV)/.serving-installed
+	$(PY) -m pytest -q -m serving
 
 # needs no .venv: the script uses the standard library only and builds one venv per release
 compat:

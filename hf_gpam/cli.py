@@ -31,6 +31,7 @@ COMMANDS = {
     "demo": ("hf_gpam.demo", "build a GPAM model, patch a stock one, save and reload it with trust_remote_code"),
     "diagnose": ("hf_gpam.diagnose_cli", "per-layer rank collapse, gradients and attention maps of models on text"),
     "compare-curves": ("hf_gpam.compare_curves_cli", "training-log curves of several Trainer output dirs on one figure"),
+    "serve": ("hf_gpam.serve_cli", "transformers serve for daGPAM checkpoints (OpenAI-compatible API, continuous batching)"),
 }
 
 # what main() reports as a one-line error with exit status 2 (see the module docstring)

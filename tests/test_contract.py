@@ -91,6 +91,10 @@ def test_every_policy_entry_reaches_the_attention_function_of_some_family(monkey
             output_attentions=True, output_hidden_states=True, output_router_logits=True, use_cache=True,
         )
         model(**packed, use_cache=False)
+    # generate(..., tokenizer=) keeps the tokenizer among the model keywords (transformers serve passes one)
+    stock_model("llama", attn_implementation="keyword_spy").generate(
+        ids, max_new_tokens=2, do_sample=False, tokenizer=object(), pad_token_id=1,
+    )
     # an encoder-decoder's generate(**batch) hands the labels to its encoder (Seq2SeqTrainer.predict)
     bart = stock_model("bart", attn_implementation="keyword_spy")
     bart.generate(input_ids=ids, labels=ids, max_new_tokens=2, do_sample=False)

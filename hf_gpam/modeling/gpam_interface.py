@@ -92,6 +92,8 @@ KEYWORD_POLICY = {
     "ignore_index": "ignored",
     # generate(**batch) on an encoder-decoder hands the batch's labels to the encoder (Seq2SeqTrainer.predict does)
     "labels": "ignored",
+    # generate(..., tokenizer=) (stop strings; transformers serve passes it) leaves it in the model keywords
+    "tokenizer": "ignored",
     # continuous batching's bookkeeping (paged KV cache, batched logits): the cache hands the attention function the
     # gathered K/V, and the mask it builds describes the batch layout; the wrapper passes them on to paged backends
     "read_index": "paged",
