@@ -2,9 +2,9 @@
 Phi-3, GPT-NeoX, OPT and OLMo2 decoders in HuggingFace Transformers.
 
 Importing the package registers the GPAM configs and models with ``AutoConfig``, ``AutoModel``,
-``AutoModelForCausalLM``, ``AutoModelForSeq2SeqLM`` and ``AutoModelForSequenceClassification``, and the two daGPAM
-attention backends ``gpam_eager`` and ``gpam_sdpa`` with transformers' ``AttentionInterface``; nothing else global
-happens.
+``AutoModelForCausalLM``, ``AutoModelForSeq2SeqLM`` and ``AutoModelForSequenceClassification``, and the daGPAM
+attention functions (``gpam_eager``, ``gpam_sdpa``, ``gpam_<backend>`` for the other backends) with transformers'
+``AttentionInterface``; nothing else global happens.
 """
 
 from __future__ import annotations
