@@ -449,7 +449,8 @@ def bench_decode_gqa_padded(shape: dict, *, warmup, repetitions, target) -> Row:
             for index in range(prompt, prompt + steps):
                 model(next_ids, attention_mask=mask[:, : index + 1], position_ids=positions[:, index : index + 1],
                       past_key_values=cache)
-            cache.crop(prompt)
+            # drop the tokens this run appended (a negative count: the stock crop keeps the rest)
+            cache.crop(-steps)
 
         return run
 

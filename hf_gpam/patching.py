@@ -10,7 +10,12 @@ from torch import nn
 from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types, untested_architecture
 from .modeling.gpam_attention import GpamAttentionMixin, hand_on_rotary_embeddings, model_config_of
 from .modeling.gpam_config_fields import GpamConfigFields
-from .modeling.gpam_modeling_utils import GpamModelMixin, register_output_capture
+from .modeling.gpam_modeling_utils import (
+    QUANTIZATION_SKIP_FIELDS,
+    GpamModelMixin,
+    quantization_method,
+    register_output_capture,
+)
 
 
 GPAM_OPTION_NAMES = tuple(f.name for f in fields(GpamConfigFields))
@@ -54,10 +59,11 @@ def is_gpam_model(model: nn.Module) -> bool:
 def check_weights_are_materialised(model: nn.Module) -> None:
     """Raise ``ValueError`` where daGPAM's new parameters could not be placed correctly next to the model's own.
 
-    Each attention module gets W⁻ on its own device in its own dtype; that is only right when the module's weights
-    are real floating-point tensors. Refused: weights on the meta device (an empty-weights model, or one whose
-    weights accelerate offloads to CPU or disk and loads in hooks: the new parameters would never be loaded) and
-    quantized (integer) weights, whose dtype W⁻ cannot take.
+    Each attention module gets W⁻ on its own device in its compute dtype; that needs real tensors. Refused: weights on
+    the meta device (an empty-weights model, or one whose weights accelerate offloads to CPU or disk and loads in
+    hooks: the new parameters would never be loaded), and integer weights that no supported quantizer produced.
+    Bases quantized with bitsandbytes (4-bit, 8-bit) or torchao are accepted: daGPAM reads activations only, and its
+    own weights stay unquantized.
     """
     # accelerate's CPU / disk offloading also leaves the parameters on the meta device, loading them in hooks
     meta = [name for name, parameter in model.named_parameters() if parameter.device.type == "meta"]
@@ -65,18 +71,25 @@ def check_weights_are_materialised(model: nn.Module) -> None:
         raise ValueError(
             f"patch_model: {len(meta)} weights are on the meta device (e.g. {meta[0]!r}): an empty-weights or "
             "offloaded model, whose weights are loaded in hooks; daGPAM's new parameters would never be loaded. "
-            "Load the model fully (no offloading) before patching, or load the checkpoint straight into the GPAM "
-            "class: GpamXxx.from_pretrained(checkpoint, gpam_lambda_init=0.0)."
+            "Patch the model before it is dispatched (load it on the CPU, patch_model, then "
+            "accelerate.dispatch_model(model, device_map=...)), or load the checkpoint straight into the GPAM class "
+            "with the device_map: GpamXxx.from_pretrained(checkpoint, device_map=..., gpam_lambda_init=0.0)."
+        )
+    method = quantization_method(model.config)
+    if method is not None and method not in QUANTIZATION_SKIP_FIELDS:
+        raise ValueError(
+            f"patch_model: the model is quantized with {method!r}; daGPAM supports bases quantized with "
+            f"{' or '.join(QUANTIZATION_SKIP_FIELDS)} (BitsAndBytesConfig 4-bit / 8-bit, TorchAoConfig)."
         )
     quantized = [
         name for name, parameter in model.named_parameters() if not parameter.is_floating_point()
     ]
-    if quantized:
+    if quantized and method is None:
         raise ValueError(
-            f"patch_model: {len(quantized)} weights are quantized (non-floating dtype, e.g. {quantized[0]!r}: "
-            f"{dict(model.named_parameters())[quantized[0]].dtype}); daGPAM adds floating-point parameters next to "
-            "them and is not defined on quantized attention weights. Patch the model in floating point, then "
-            "quantize (keep gpam_q_neg and gpam_lambda unquantized)."
+            f"patch_model: {len(quantized)} weights are integers (e.g. {quantized[0]!r}: "
+            f"{dict(model.named_parameters())[quantized[0]].dtype}) but the config names no quantization method; "
+            "daGPAM supports bases quantized through transformers with bitsandbytes or torchao "
+            "(from_pretrained(..., quantization_config=BitsAndBytesConfig(...) or TorchAoConfig(...)))."
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -167,6 +168,19 @@ class ModelArguments:
         default=False,
         metadata={"help": "With --use_lora: merge the adapters and save a full model (adapter kept in adapter/)."},
     )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the base model quantized, for QLoRA-style fine-tuning (needs --model_name_or_path and "
+            "--use_lora): 'bnb-4bit' (bitsandbytes nf4 with double quantization), 'bnb-8bit' (bitsandbytes "
+            "LLM.int8), 'torchao-int8' (torchao int8 weight-only). daGPAM's W⁻ and λ stay unquantized and train."
+        },
+    )
+    bnb_4bit_compute_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "With --quantization bnb-4bit: the dtype the 4-bit layers compute in (bfloat16, float16, "
+                          "float32)."},
+    )
     gpam_weight_decay: bool = field(
         default=False,
         metadata={
@@ -186,6 +200,21 @@ class ModelArguments:
             raise ValueError("--config_overrides only applies to a model trained from scratch (--model_type)")
         if self.merge_lora and not self.use_lora:
             raise ValueError("--merge_lora needs --use_lora")
+        if self.quantization is not None:
+            if self.quantization not in QUANTIZATION_METHODS:
+                raise ValueError(
+                    f"--quantization {self.quantization!r} is not one of {', '.join(QUANTIZATION_METHODS)}"
+                )
+            if self.model_name_or_path is None:
+                raise ValueError("--quantization loads a pretrained base: give --model_name_or_path")
+            if not self.use_lora:
+                raise ValueError("--quantization trains adapters on a frozen quantized base: add --use_lora")
+            if self.merge_lora:
+                raise ValueError("--merge_lora cannot merge adapters into quantized weights; drop it (the adapter "
+                                 "is saved) or train without --quantization")
+        if self.bnb_4bit_compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"--bnb_4bit_compute_dtype {self.bnb_4bit_compute_dtype!r} is not one of bfloat16, "
+                             "float16, float32")
 
 
 def parse_arguments(dataclass_types, argv, base_defaults: dict, demo_defaults: dict, is_demo):
@@ -512,9 +541,58 @@ def scratch_config(model_args, gpam_args, tokenizer):
     return config
 
 
+QUANTIZATION_METHODS = ("bnb-4bit", "bnb-8bit", "torchao-int8")
+
+
+def quantization_config(model_args):
+    """The transformers quantization config of ``--quantization`` (None without it)."""
+    method = model_args.quantization
+    if method is None:
+        return None
+    if method.startswith("bnb"):
+        from transformers import BitsAndBytesConfig
+
+        if method == "bnb-8bit":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, model_args.bnb_4bit_compute_dtype),
+        )
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def quantized_device_map() -> dict:
+    # the whole quantized model on this process's device: GPU i under a multi-GPU launch, else the first GPU or the CPU
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return {"": "cpu"}
+
+
+def evaluation_before_training_is_safe(model_args, training_args) -> bool:
+    """False (with a warning) where an evaluation before training breaks the training after it.
+
+    Measured here (bitsandbytes 0.50, peft 0.21, transformers 5.24, CPU): after a Trainer evaluation of a 4-bit base,
+    every LoRA adapter gets zero gradients for the rest of the run and nothing trains, with stock attention too
+    (gpam_mode='softmax'); 8-bit and torchao bases train normally. The recipe then skips that evaluation on the CPU.
+    """
+    if model_args.quantization == "bnb-4bit" and training_args.do_train and not torch.cuda.is_available():
+        logger.warning(
+            "--quantization bnb-4bit on the CPU: skipping the evaluation before training (after one, bitsandbytes' "
+            "4-bit CPU layers pass no gradients to the LoRA adapters and the run would train nothing); the "
+            "evaluation after training runs as usual"
+        )
+        return False
+    return True
+
+
 def load_model(model_args, gpam_args, auto_class, tokenizer, supported: tuple[str, ...], task: str):
     """Build the model from one of the three sources and return ``(model, base_model_name)``."""
     common = dict(attn_implementation=model_args.attn_implementation)
+    if model_args.quantization is not None:
+        common.update(quantization_config=quantization_config(model_args), device_map=quantized_device_map())
     if model_args.model_name_or_path is None:
         config = scratch_config(model_args, gpam_args, tokenizer)
         check_supported(config.model_type, supported, task)
@@ -569,9 +647,11 @@ def apply_lora(model, model_args, task_type: str):
         skipped = [t for t in defaults if t not in targets]
         if skipped:
             logger.info("LoRA: default targets %s are not modules of this model; skipped", skipped)
+    # a trainable λ is a parameter (a fixed one is a buffer); not requires_grad, which
+    # prepare_model_for_kbit_training turns off everywhere
     has_trainable_lambda = any(
         isinstance(getattr(module, "gpam_lambda", None), nn.Module)
-        and any(p.requires_grad for p in module.gpam_lambda.parameters())
+        and any(True for _ in module.gpam_lambda.parameters())
         for module in model.modules()
     )
     # GPT-2's c_attn / c_proj / c_fc are Conv1D (weight stored transposed); PEFT resets it for nn.Linear targets
@@ -596,21 +676,44 @@ def apply_lora(model, model_args, task_type: str):
     return model
 
 
+def stored_parameter(parameter) -> tuple[int, int]:
+    """``(logical element count, bytes stored)`` of a parameter, quantized ones included.
+
+    bitsandbytes' 4-bit weights pack two values per byte (``quant_state.shape`` is the logical shape) and carry
+    per-block scales; torchao's int8 weights are a tensor subclass whose ``dtype`` reads float32 while it stores int8
+    values (``qdata``) and scales.
+    """
+    quant_state = getattr(parameter, "quant_state", None)
+    if quant_state is not None:
+        count = math.prod(quant_state.shape)
+        scales = getattr(quant_state, "absmax", None)
+        extra = scales.numel() * scales.element_size() if isinstance(scales, torch.Tensor) else 0
+        return count, parameter.numel() * parameter.element_size() + extra
+    qdata = getattr(parameter, "qdata", None)
+    if isinstance(qdata, torch.Tensor):
+        scale = getattr(parameter, "scale", None)
+        extra = scale.numel() * scale.element_size() if isinstance(scale, torch.Tensor) else 0
+        return parameter.numel(), qdata.numel() * qdata.element_size() + extra
+    return parameter.numel(), parameter.numel() * parameter.element_size()
+
+
 def training_footprint(model) -> dict:
-    """Parameter counts and a lower bound on training memory: weights, gradients and AdamW's two moment buffers
-    (each the size of its parameter), in GiB. Activations, which grow with batch size and sequence length, come on
-    top. Works on a model built on the ``meta`` device."""
+    """Parameter counts and a lower bound on training memory: weights as stored (quantized bases at their packed
+    size), plus gradients and AdamW's two moment buffers of the trainable ones (LoRA adapters, W⁻, λ: each the size
+    of its parameter), in GiB. Activations, which grow with batch size and sequence length, come on top. Works on a
+    model built on the ``meta`` device."""
     total = trainable = 0
     weights = states = 0
     for p in model.parameters():
-        size = p.numel() * p.element_size()
-        total += p.numel()
+        count, size = stored_parameter(p)
+        total += count
         weights += size
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += count
             # gradient + exp_avg + exp_avg_sq
             states += 3 * size
-    return {"parameters": total, "trainable_parameters": trainable, "gib": (weights + states) / 2**30}
+    return {"parameters": total, "trainable_parameters": trainable, "weights_gib": weights / 2**30,
+            "gib": (weights + states) / 2**30}
 
 
 def log_training_footprint(model) -> dict:
@@ -618,9 +721,12 @@ def log_training_footprint(model) -> dict:
     ``--model_type marian`` without ``--config_overrides``: the ~400M-parameter default Marian) shows up before
     the first slow step."""
     footprint = training_footprint(model)
+    method = hf_gpam.modeling.gpam_modeling_utils.quantization_method(getattr(model, "config", None))
+    quantized = f" (base quantized with {method})" if method else ""
     logger.info(
-        "model: %s parameters (%s trainable); weights + gradients + AdamW state ≈ %.2f GiB, activations not "
-        "included", f"{footprint['parameters']:,}", f"{footprint['trainable_parameters']:,}", footprint["gib"],
+        "model: %s parameters (%s trainable); weights %.2f GiB%s, + gradients + AdamW state ≈ %.2f GiB, "
+        "activations not included", f"{footprint['parameters']:,}", f"{footprint['trainable_parameters']:,}",
+        footprint["weights_gib"], quantized, footprint["gib"],
     )
     return footprint
 
@@ -634,6 +740,12 @@ def prepare_model(model_args, gpam_args, auto_class, tokenizer, checkpoint: str 
         ``(model, base_model_name)``; ``base_model_name`` is None from scratch.
     """
     model, base_model = load_model(model_args, gpam_args, auto_class, tokenizer, supported=supported, task=task)
+    if model_args.quantization is not None and model_args.quantization.startswith("bnb"):
+        from peft import prepare_model_for_kbit_training
+
+        # what PEFT expects of a bitsandbytes base: layer norms and the (unquantized) daGPAM weights in float32,
+        # input gradients on for checkpointing; gradient checkpointing itself stays the Trainer's --gradient_checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if model_args.use_lora:
         model = apply_lora(model, model_args, task_type=lora_task_type)
     if checkpoint is not None:

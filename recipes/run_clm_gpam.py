@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments, default_data_c
 
 # the recipes folder is on sys.path when this file runs as a script; tests add it themselves
 from gpam_recipe_utils import (
+    evaluation_before_training_is_safe,
     GpamTrainer,
     check_data_file,
     load_or_train_tokenizer,
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_blocks": len(eval_dataset),
         "gpam_mode": getattr(trainer.model.config, "gpam_mode", "softmax"),
     }
-    if training_args.do_eval and data_args.eval_before_training and checkpoint is None:
+    if (training_args.do_eval and data_args.eval_before_training and checkpoint is None
+            and evaluation_before_training_is_safe(model_args, training_args)):
         metrics = trainer.evaluate(metric_key_prefix="init_eval")
         results["init_eval_loss"] = metrics["init_eval_loss"]
         results["init_perplexity"] = math.exp(min(metrics["init_eval_loss"], 50))

@@ -30,6 +30,7 @@ from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqT
 
 # the recipes folder is on sys.path when this file runs as a script; tests add it themselves
 from gpam_recipe_utils import (
+    evaluation_before_training_is_safe,
     GpamSeq2SeqTrainer,
     check_data_file,
     load_or_train_tokenizer,
@@ -360,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if skipped_rows:
         results["skipped_invalid_rows"] = skipped_rows
-    if training_args.do_eval and data_args.eval_before_training and checkpoint is None:
+    if (training_args.do_eval and data_args.eval_before_training and checkpoint is None
+            and evaluation_before_training_is_safe(model_args, training_args)):
         # loss only: generating with an untrained model is slow and tells nothing
         trainer.compute_metrics = None
         results["init_eval_loss"] = trainer.evaluate(metric_key_prefix="init_eval")["init_eval_loss"]

@@ -31,10 +31,13 @@ from .utils import gpam_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # optional dependencies that `import hf_gpam` + `patch_model` must not need (issue 10, point 20)
-HEAVY_MODULES = ("matplotlib", "datasets", "evaluate", "peft", "sacrebleu")
+# (not torchao: transformers.modeling_utils itself imports it when it is installed)
+HEAVY_MODULES = ("matplotlib", "datasets", "evaluate", "peft", "sacrebleu", "bitsandbytes")
 EXTRAS = {
     "recipes": {"accelerate", "datasets", "evaluate", "sacrebleu", "peft", "sentencepiece"},
     "diagnostics": {"matplotlib"},
+    "quantization": {"bitsandbytes", "torchao"},
+    "serving": {"transformers", "openai"},
 }
 
 # runs in a fresh interpreter: what a user who only wants patch_model does, then which modules got imported.
@@ -134,7 +137,7 @@ def test_heavy_dependencies_are_extras(pyproject):
     extras = {name: _requirement_names(reqs) for name, reqs in project["optional-dependencies"].items()}
     for extra, names in EXTRAS.items():
         assert extras[extra] == names, f"hf_gpam[{extra}]"
-    assert project["optional-dependencies"]["all"] == ["hf_gpam[recipes,diagnostics]"]
+    assert project["optional-dependencies"]["all"] == ["hf_gpam[recipes,diagnostics,quantization]"]
     assert "pytest" in extras["dev"]
 
 

@@ -92,11 +92,13 @@ def test_encoder_guard_keeps_output_capture():
     assert len(outputs.encoder_attentions) == 2 and len(outputs.encoder_hidden_states) == 3
 
 
-def test_patch_refuses_quantized_attention_weights():
+def test_patch_refuses_integer_weights_no_supported_quantizer_produced():
+    # quantized bases of bitsandbytes and torchao are accepted (tests/test_quantization.py); integer weights the config
+    # names no quantization method for are not
     model = stock_model("gpt2")
     attention = model.transformer.h[0].attn
     attention.c_attn.weight = torch.nn.Parameter(torch.zeros(32, 96, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="quantized.*c_attn.weight.*torch.int8"):
+    with pytest.raises(ValueError, match="integers.*c_attn.weight.*torch.int8.*names no quantization method"):
         hf_gpam.patch_model(model)
     assert type(model).__name__ == "GPT2LMHeadModel" and not hasattr(attention, "gpam_q_neg")
 

@@ -2,6 +2,7 @@
 are read back from ``all_results.json`` and from the saved folder reloaded with ``trust_remote_code``."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -623,8 +624,8 @@ def test_skipped_rows_and_model_size_are_reported(tmp_path, translation_files, c
     size_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model: ")]
     assert len(size_lines) == 1, "the refused run stops before the model is built"
     # Marian's sinusoidal position embeddings are frozen during training
-    logged = re.match(r"model: ([\d,]+) parameters \(([\d,]+) trainable\); weights \+ gradients \+ AdamW state "
-                      r"≈ 0\.00 GiB", size_lines[0])
+    logged = re.match(r"model: ([\d,]+) parameters \(([\d,]+) trainable\); weights 0\.00 GiB, \+ gradients \+ "
+                      r"AdamW state ≈ 0\.00 GiB", size_lines[0])
     assert logged and int(logged[1].replace(",", "")) == count and int(logged[2].replace(",", "")) < count
 
 
@@ -752,3 +753,82 @@ def test_tokenizer_of_a_marian_output_folder_and_with_hf_gpam_imported(tmp_path)
     with_hf_gpam = load_tokenizers_in_subprocess(tmp_path, [(folder, "bare")], hide_hf_gpam=False)
     for loaded in (without[(str(folder), "trust_remote_code")], with_hf_gpam[(str(folder), "bare")]):
         assert "loaded MarianTokenizer" in loaded and CUSTOM_CODE_PROMPT not in loaded
+
+
+@pytest.fixture(scope="module")
+def wider_stock_llama_dir(tmp_path_factory):
+    """A tiny stock Llama of width 64 (bitsandbytes' 4-bit CPU kernels need at least 64 input features)."""
+    folder = tmp_path_factory.mktemp("stock_llama_64")
+    tokenizer = train_byte_level_bpe(
+        stdlib_docstring_corpus(max_chars=30_000), vocab_size=300, model_type="gpt2", save_directory=str(folder)
+    )
+    torch.manual_seed(0)
+    config = tiny_stock_config(
+        "llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id, hidden_size=64, head_dim=16, intermediate_size=128,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_qlora_on_a_4bit_stock_llama_trains_adapters_and_lambda(text_files, wider_stock_llama_dir, tmp_path, caplog):
+    # the README's "QLoRA a Llama with daGPAM" command, on a tiny stock Llama (bitsandbytes runs on the CPU)
+    stock_llama_dir = wider_stock_llama_dir
+    out = tmp_path / "qlora"
+    with caplog.at_level(logging.INFO):
+        run_clm_gpam.main([
+            "--model_name_or_path", str(stock_llama_dir), "--quantization", "bnb-4bit", "--bnb_4bit_compute_dtype",
+            "float32", "--use_lora", "--train_file", str(text_files / "train.txt"), "--validation_file",
+            str(text_files / "validation.txt"), "--block_size", "32", "--max_steps", "3", "--max_eval_samples", "4",
+            "--learning_rate", "5e-2", "--do_train", "--do_eval", "--output_dir", str(out), *FAST,
+        ])
+    saved = read_results(out)
+    # no evaluation before training on the CPU with a 4-bit base (see evaluation_before_training_is_safe); the loss
+    # after 3 steps is below the base model's (λ = 0: the quantized stock model's) loss on the same blocks
+    assert "init_eval_loss" not in saved
+    base = AutoModelForCausalLM.from_pretrained(
+        stock_llama_dir, quantization_config=gpam_recipe_utils.quantization_config(
+            gpam_recipe_utils.ModelArguments(model_name_or_path=str(stock_llama_dir), use_lora=True,
+                                             quantization="bnb-4bit", bnb_4bit_compute_dtype="float32")
+        ), device_map="cpu",
+    ).eval()
+    blocks = validation_blocks(text_files, AutoTokenizer.from_pretrained(stock_llama_dir), 4, 32)
+    with torch.no_grad():
+        base_loss = base(blocks, labels=blocks).loss.item()
+    assert saved["eval_loss"] < base_loss - 1e-3, (saved["eval_loss"], base_loss)
+    assert any("skipping the evaluation before training" in r.getMessage() for r in caplog.records)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"q_proj", "v_proj", "gpam_q_neg"}
+    assert adapter_config["modules_to_save"] == ["gpam_lambda"]
+    footprint = [r.getMessage() for r in caplog.records if "base quantized with bitsandbytes" in r.getMessage()]
+    assert footprint, "the memory estimate names the quantized base"
+
+
+def test_quantized_footprint_counts_packed_weights_and_lora(wider_stock_llama_dir):
+    stock_llama_dir = wider_stock_llama_dir
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    full = gpam_recipe_utils.training_footprint(LlamaForCausalLM.from_pretrained(stock_llama_dir))
+    quantized = AutoModelForCausalLM.from_pretrained(
+        stock_llama_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+    )
+    four_bit = gpam_recipe_utils.training_footprint(quantized)
+    # the same logical parameters, stored in far fewer bytes (the quantized projections at 4 bits plus scales)
+    assert four_bit["parameters"] == full["parameters"]
+    assert four_bit["weights_gib"] < 0.8 * full["weights_gib"]
+    lora = get_peft_model(hf_gpam.patch_model(quantized), LoraConfig(r=2, target_modules=["q_proj"]))
+    with_lora = gpam_recipe_utils.training_footprint(lora)
+    adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert with_lora["trainable_parameters"] == adapters
+    assert with_lora["gib"] == pytest.approx(with_lora["weights_gib"] + 3 * 4 * adapters / 2**30)
+
+
+def test_quantization_flags_are_checked(text_files, tmp_path):
+    base = ["--train_file", str(text_files / "train.txt"), "--output_dir", str(tmp_path / "x")]
+    with pytest.raises(ValueError, match="--quantization 'gptq' is not one of bnb-4bit, bnb-8bit, torchao-int8"):
+        run_clm_gpam.main([*base, "--model_name_or_path", "x", "--use_lora", "--quantization", "gptq"])
+    with pytest.raises(ValueError, match="--quantization trains adapters on a frozen quantized base: add --use_lora"):
+        run_clm_gpam.main([*base, "--model_name_or_path", "x", "--quantization", "bnb-4bit"])
+    with pytest.raises(ValueError, match="--quantization loads a pretrained base"):
+        run_clm_gpam.main([*base, "--model_type", "llama", "--use_lora", "--quantization", "bnb-8bit"])

@@ -227,13 +227,32 @@ class GpamAttentionMixin:
             init.copy_(lam, values.to(lam.device)[:, None].expand_as(lam))
 
 
+def compute_dtype(module: nn.Module, config) -> torch.dtype:
+    """The dtype a (possibly quantized) attention module computes in: what W⁻ is created in."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    for submodule in module.modules():
+        # bitsandbytes' Linear4bit keeps it here
+        dtype = getattr(submodule, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.get_default_dtype()
+
+
 def convert_attention_module(module: nn.Module, gpam_class: type, config) -> None:
     """Turn a stock attention module into ``gpam_class`` in place, adding its daGPAM parameters.
 
-    Existing weights are untouched; the new ones are created on the module's device, W⁻ in its dtype and λ in
-    float32, and initialised from the ``gpam_*`` fields of ``config``.
+    Existing weights are untouched; the new ones are created on the module's device, W⁻ in its compute dtype and λ
+    in float32, and initialised from the ``gpam_*`` fields of ``config``. The compute dtype is the dtype of the
+    module's floating-point weights; in a quantized module (bitsandbytes stores integers) the dtype its quantized
+    layers compute in, else the config's ``dtype``.
     """
     reference = next(module.parameters())
+    dtype = compute_dtype(module, config)
     if getattr(module, "config", None) is None:
         raise ValueError(
             f"{type(module).__name__} keeps no config; daGPAM routes a module to its attention function through the "
@@ -250,6 +269,6 @@ def convert_attention_module(module: nn.Module, gpam_class: type, config) -> Non
         negative_init=config.gpam_negative_init,
         initializer_range=config.initializer_range if hasattr(config, "initializer_range") else config.init_std,
         device=reference.device,
-        dtype=reference.dtype,
+        dtype=dtype,
         rope_variant=config.gpam_rope_variant,
     )

@@ -282,12 +282,21 @@ def negative_query(
         # the rotations in at least float32: in bf16 the inverse alone adds about 1 % relative error to Q⁻
         work = torch.promote_types(query.dtype, torch.float32)
         unrotated = rotate_query(query.to(work), cos.to(work), sin.to(work), inverse=True, layout=layout)
-        projected = module.gpam_q_neg(F.relu(unrotated).to(query.dtype))
+        projected = _project(module, F.relu(unrotated).to(query.dtype))
         return rotate_query(projected.to(work), cos.to(work), sin.to(work), layout=layout).to(query.dtype)
     if not upcast:
-        return module.gpam_q_neg(F.relu(query))
+        return _project(module, F.relu(query))
     with torch.autocast(query.device.type, enabled=False):
         return module.gpam_q_neg(F.relu(query).to(module.gpam_q_neg.weight.dtype))
+
+
+def _project(module: torch.nn.Module, activations: torch.Tensor) -> torch.Tensor:
+    # W⁻ may be kept in another dtype than the activations: float32 next to a quantized base loaded in half precision,
+    # or after peft.prepare_model_for_kbit_training; outside autocast the input follows W⁻ and the result comes back
+    weight = getattr(module.gpam_q_neg, "weight", None)
+    if weight is None or weight.dtype == activations.dtype or torch.is_autocast_enabled(activations.device.type):
+        return module.gpam_q_neg(activations)
+    return module.gpam_q_neg(activations.to(weight.dtype)).to(activations.dtype)
 
 
 def relative_position_embeddings(module: torch.nn.Module, applied: dict) -> tuple[torch.Tensor, torch.Tensor] | None:

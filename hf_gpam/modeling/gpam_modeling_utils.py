@@ -14,6 +14,58 @@ from .gpam_attention import GpamAttentionMixin, convert_attention_module
 from .gpam_interface import stock_attn_implementation
 
 
+# quantization method -> the field of its config listing modules the quantizer must leave alone
+QUANTIZATION_SKIP_FIELDS = {"bitsandbytes": "llm_int8_skip_modules", "torchao": "modules_to_not_convert"}
+# daGPAM's own weights, never quantized: W⁻ stays in the compute dtype and trains, λ stays float32
+GPAM_UNQUANTIZED_MODULES = ("gpam_q_neg", "gpam_lambda")
+
+
+def quantization_method(config) -> str | None:
+    """The ``quant_method`` of ``config.quantization_config`` ("bitsandbytes", "torchao", ...), or None."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+    return getattr(method, "value", method)
+
+
+def keep_gpam_weights_unquantized(model) -> None:
+    """Add daGPAM's modules to the skip list of the model's quantization config, or refuse the method.
+
+    A quantizer (bitsandbytes 4/8-bit, torchao) replaces every ``nn.Linear`` it is not told to skip, W⁻
+    (``gpam_q_neg``) included, which would then be a frozen integer weight. Called when a GPAM model is built (before
+    ``from_pretrained``'s quantizer converts its modules) and by ``patch_model``, so the skip list is also saved in
+    ``config.json`` and a reload leaves W⁻ alone. An empty skip list means the quantizer's defaults (the output
+    embeddings and tied weights), which are kept.
+    """
+    method = quantization_method(model.config)
+    if method is None:
+        return
+    field = QUANTIZATION_SKIP_FIELDS.get(method)
+    if field is None:
+        raise ValueError(
+            f"daGPAM supports bases quantized with {' or '.join(QUANTIZATION_SKIP_FIELDS)}; this model's "
+            f"quantization method is {method!r}, whose quantizer would have to leave gpam_q_neg / gpam_lambda "
+            "unquantized and has no tested way to. Quantize with BitsAndBytesConfig (4-bit nf4 / 8-bit) or TorchAoConfig."
+        )
+    # imported here: transformers' quantizer module imports the quantization libraries it finds
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    # the config's copy, and the quantizer's own when the model was loaded quantized (save_pretrained writes that one)
+    configs = [model.config.quantization_config]
+    quantizer_config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if quantizer_config is not None and quantizer_config is not configs[0]:
+        configs.append(quantizer_config)
+    for quantization in configs:
+        current = quantization.get(field) if isinstance(quantization, dict) else getattr(quantization, field, None)
+        skipped = list(current) if current else get_keys_to_not_convert(model)
+        skipped += [name for name in GPAM_UNQUANTIZED_MODULES if name not in skipped]
+        if isinstance(quantization, dict):
+            quantization[field] = skipped
+        else:
+            setattr(quantization, field, skipped)
+
+
 def register_output_capture(model_class: type) -> None:
     """Register ``model_class._can_record_outputs`` for ``output_attentions`` / ``output_hidden_states`` capture.
 
@@ -66,8 +118,33 @@ class GpamModelMixin:
         for layer_idx, kind, module in self.gpam_attention_sites():
             if self.config.gpam_layer_enabled(layer_idx, kind) and not isinstance(module, GpamAttentionMixin):
                 convert_attention_module(module, self.gpam_attention_class, self.config)
+        if quantization_method(self.config) is not None:
+            # from_pretrained(..., quantization_config=...): the quantizer about to convert this model's nn.Linear
+            # modules skips the ones named here (its own config object is not this model's yet)
+            self._keep_in_fp32_modules = set(self._keep_in_fp32_modules or ()) | {"gpam_q_neg"}
+        keep_gpam_weights_unquantized(self)
         if self.gpam_loss_type is not None:
             self.loss_type = self.gpam_loss_type
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # a stock checkpoint loaded with a device_map that offloads layers to disk (or to the CPU next to GPUs): the
+        # gpam_* weights are missing from it, and transformers initialises missing weights of offloaded layers on the
+        # meta device only, so accelerate's hooks would fail at the first forward (KeyError). Say so at load time,
+        # with the route that works.
+        wants_info = kwargs.get("output_loading_info", False)
+        model, info = super().from_pretrained(*args, **{**kwargs, "output_loading_info": True})
+        parameters = dict(model.named_parameters())
+        lost = [key for key in info["missing_keys"] if key in parameters and parameters[key].device.type == "meta"]
+        if lost:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: {len(lost)} daGPAM weights missing from the checkpoint (e.g. "
+                f"{lost[0]!r}) sit in offloaded layers, where transformers does not initialise missing weights. Load "
+                "the stock model on the CPU, hf_gpam.patch_model it, then accelerate.dispatch_model(model, "
+                "device_map=..., offload_dir=...); or save the GPAM model once (save_pretrained) and load that "
+                "checkpoint with the device_map, since it holds the gpam_* weights."
+            )
+        return (model, info) if wants_info else model
 
     @torch.no_grad()
     def initialize_weights(self):
