@@ -421,3 +421,28 @@ def test_the_installed_package_owns_the_backends_whatever_the_import_order(tmp_p
     assert report["package_owns"], report
     assert set(report["owners"].values()) == {"hf_gpam.modeling.gpam_interface"}, report
     assert report["masks_registered"]
+
+
+@pytest.mark.parametrize("model_type", ["bart", "marian"])
+def test_encoder_decoders_assisted_decoding_and_past_key_values(model_type):
+    # the two remaining families of the table: assisted decoding gives the greedy tokens, and a decoder continuing
+    # from a cache (self- and cross-attention entries) gives the full forward's logits
+    model = gpam_causal(model_type, "sdpa")
+    torch.manual_seed(7)
+    assistant = gpam_causal(model_type, "sdpa")
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 90, (1, 7), generator=generator)
+    options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=model.config.pad_token_id)
+    with torch.no_grad():
+        greedy = model.generate(ids, **options)
+        assisted = model.generate(ids, assistant_model=assistant, **options)
+    torch.testing.assert_close(assisted, greedy, atol=0, rtol=0)
+    decoder_ids = torch.randint(3, 90, (1, 8), generator=generator)
+    with torch.no_grad():
+        full = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        prefix = model(input_ids=ids, decoder_input_ids=decoder_ids[:, :5], use_cache=True)
+        continued = model(
+            encoder_outputs=(prefix.encoder_last_hidden_state,), decoder_input_ids=decoder_ids[:, 5:],
+            past_key_values=prefix.past_key_values,
+        ).logits
+    torch.testing.assert_close(continued, full[:, 5:], atol=1e-5, rtol=1e-5)
