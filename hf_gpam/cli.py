@@ -34,6 +34,13 @@ COMMANDS = {
     "serve": ("hf_gpam.serve_cli", "transformers serve for daGPAM checkpoints (OpenAI-compatible API, continuous batching)"),
 }
 
+# hf-gpam serve's model worker: transformers 5.25+ loads the served model in a spawned process, which re-imports the
+# main module (this one, or the hf-gpam script that imports it); the GPAM classes are bound there too
+if os.environ.get("HF_GPAM_SERVE_BINDING") == "1":
+    from .serve_cli import bind_gpam_classes_to_transformers
+
+    bind_gpam_classes_to_transformers()
+
 # what main() reports as a one-line error with exit status 2 (see the module docstring)
 BAD_INPUT_ERRORS = (ValueError, OSError, SafetensorError)
 

@@ -5,9 +5,11 @@ config.architectures[0])`` (``transformers/cli/serving/model_manager.py``, 5.24 
 ``AutoModelForCausalLM`` only for configs that name no architecture). A class that reaches transformers through
 remote code (``GpamLlamaForCausalLM``) is never an attribute of the ``transformers`` package, so
 ``transformers serve CHECKPOINT --trust-remote-code`` stops with ``AttributeError`` before loading anything, for
-every remote-code model, not only daGPAM ones. This command runs the same server in this process after binding the
-GPAM model classes of ``hf_gpam.ARCHITECTURES`` to those names on the ``transformers`` module, in this process only:
-the server then loads the checkpoint with hf_gpam's own class, which is what ``trust_remote_code`` would have given.
+every remote-code model, not only daGPAM ones. This command runs the same server after binding the GPAM model classes
+of ``hf_gpam.ARCHITECTURES`` to those names on the ``transformers`` module, in its own processes only: this one, and the
+model worker transformers 5.25 spawns (a spawned process re-imports the main module, ``hf_gpam.cli``, which binds the
+classes when ``HF_GPAM_SERVE_BINDING=1``, set here). The server then loads the checkpoint with hf_gpam's own class,
+which is what ``trust_remote_code`` would have given.
 
     hf-gpam serve my-gpam-model --port 8000                           # the same options as transformers serve
     hf-gpam serve my-gpam-model --continuous-batching
@@ -18,11 +20,16 @@ Everything after ``serve`` is handed to ``transformers serve`` unchanged (``--he
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import transformers
 
 from .architectures import ARCHITECTURES
+
+
+# set by `hf-gpam serve`, inherited by the processes it starts (see hf_gpam.cli)
+SERVE_BINDING_ENV = "HF_GPAM_SERVE_BINDING"
 
 
 def bind_gpam_classes_to_transformers() -> list[str]:
@@ -55,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"hf-gpam serve needs FastAPI and Uvicorn ({error}): pip install 'hf_gpam[serving]'"
         ) from error
+    os.environ[SERVE_BINDING_ENV] = "1"
     bind_gpam_classes_to_transformers()
     sys.argv = ["transformers", "serve", *args.serve_args]
     transformers_cli()
