@@ -320,19 +320,23 @@ def relative_position_embeddings(module: torch.nn.Module, applied: dict) -> tupl
 
 
 def check_packed_rows_are_separated(
-    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, q_len: int, k_len: int, backend: str
+    kwargs: dict, attention_mask: torch.Tensor | None, q_len: int, k_len: int, backend: str
 ) -> None:
-    """Raise ``ValueError`` when ``position_ids`` restart at 0 inside a row but the mask lets the new sequence attend
-    to the one before it.
+    """Raise ``ValueError`` when the ``position_ids`` keyword restarts at 0 inside a row but the mask lets the new
+    sequence attend to the one before it.
 
     transformers builds a mask that separates packed sequences from ``position_ids`` only when no 2D attention mask
     and no cache are given (``use_cache=False``), and some families (OPT) never do; stock attention then silently
     attends across sequences. A row restarts where a position is 0 and does not follow its predecessor; the check
     reads one mask entry per restart (query at the restart, key just before it). Left padding passes: its first
     real token is position 0 and the key before it is padding, which the mask blocks. Skipped for single-token
-    steps and while ``torch.compile`` traces (a data-dependent check would break the graph).
+    steps, continuous batching's calls (paged K/V are not laid out by position) and while ``torch.compile`` traces (a
+    data-dependent check would break the graph).
     """
+    position_ids = kwargs.get("position_ids")
     if position_ids is None or q_len < 2 or position_ids.shape[-1] != q_len or torch.compiler.is_compiling():
+        return
+    if any(KEYWORD_POLICY.get(name) == "paged" and value is not None for name, value in kwargs.items()):
         return
     # (B or 1, Tq)
     positions = position_ids.reshape(-1, q_len)
@@ -358,11 +362,6 @@ def check_packed_rows_are_separated(
             "use_cache=False (and no attention_mask), as DataCollatorWithFlattening batches are meant to be used. "
             "Families whose masks ignore position_ids (OPT) cannot run packed rows; pad them instead."
         )
-
-
-def is_paged_call(kwargs: dict) -> bool:
-    """Whether the attention function is called by continuous batching (a paged KV cache's bookkeeping is present)."""
-    return any(KEYWORD_POLICY.get(name) == "paged" and value is not None for name, value in kwargs.items())
 
 
 _STOCK_EAGER_FUNCTIONS: dict[type, Callable] = {}
@@ -414,10 +413,7 @@ def gpam_eager_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     applied = check_attention_keywords(kwargs, "eager")
-    if not is_paged_call(kwargs):
-        check_packed_rows_are_separated(
-            kwargs.get("position_ids"), attention_mask, query.shape[-2], key.shape[-2], "eager"
-        )
+    check_packed_rows_are_separated(kwargs, attention_mask, query.shape[-2], key.shape[-2], "eager")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     upcast = bool(getattr(module, "reorder_and_upcast_attn", False))
     # Q⁻ from Q⁺ before K and V are repeated; repeat_kv is what stock eager functions do for grouped-query heads
@@ -454,10 +450,7 @@ def gpam_sdpa_attention_forward(
     if not is_gpam_attention_module(module):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     applied = check_attention_keywords(kwargs, "sdpa")
-    if not is_paged_call(kwargs):
-        check_packed_rows_are_separated(
-            kwargs.get("position_ids"), attention_mask, query.shape[-2], key.shape[-2], "sdpa"
-        )
+    check_packed_rows_are_separated(kwargs, attention_mask, query.shape[-2], key.shape[-2], "sdpa")
     is_causal = applied.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q_len = query.shape[-2]
