@@ -48,6 +48,9 @@ def keep_gpam_weights_unquantized(model) -> None:
             f"quantization method is {method!r}, whose quantizer would have to leave gpam_q_neg / gpam_lambda "
             "unquantized and has no tested way to. Quantize with BitsAndBytesConfig (4-bit nf4 / 8-bit) or TorchAoConfig."
         )
+    # from_pretrained(..., quantization_config=...): the quantizer about to convert this model's nn.Linear modules
+    # skips the ones named here too (its own config object is not this model's yet)
+    model._keep_in_fp32_modules = set(model._keep_in_fp32_modules or ()) | {"gpam_q_neg"}
     # imported here: transformers' quantizer module imports the quantization libraries it finds
     from transformers.quantizers.base import get_keys_to_not_convert
 
@@ -118,10 +121,6 @@ class GpamModelMixin:
         for layer_idx, kind, module in self.gpam_attention_sites():
             if self.config.gpam_layer_enabled(layer_idx, kind) and not isinstance(module, GpamAttentionMixin):
                 convert_attention_module(module, self.gpam_attention_class, self.config)
-        if quantization_method(self.config) is not None:
-            # from_pretrained(..., quantization_config=...): the quantizer about to convert this model's nn.Linear
-            # modules skips the ones named here (its own config object is not this model's yet)
-            self._keep_in_fp32_modules = set(self._keep_in_fp32_modules or ()) | {"gpam_q_neg"}
         keep_gpam_weights_unquantized(self)
         if self.gpam_loss_type is not None:
             self.loss_type = self.gpam_loss_type
