@@ -496,12 +496,16 @@ class DoubledQueryHeads:
         return getattr(self.__dict__["module"], name)
 
 
-def _combine_heads_last(positive: torch.Tensor, negative: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    # (B, T, H, D) outputs of the attention functions: combine per head on axis 2
+def _combine_doubled_heads(doubled: torch.Tensor, module: torch.nn.Module, kv_heads: int, groups: int) -> torch.Tensor:
+    # (B, 2H, Tq, *) laid out [Q⁺_g; Q⁻_g] for each K/V head g -> (1+λ⁺)·positive − λ⁻·negative, (B, H, Tq, *)
+    batch, _, q_len, last = doubled.shape
+    split = doubled.reshape(batch, kv_heads, 2, groups, q_len, last)
+    heads = kv_heads * groups
     lambda_pos, lambda_neg = module.gpam_lambda()
     return combine_dual_attention(
-        positive.transpose(1, 2), negative.transpose(1, 2), lambda_pos, lambda_neg
-    ).transpose(1, 2)
+        split[:, :, 0].reshape(batch, heads, q_len, last), split[:, :, 1].reshape(batch, heads, q_len, last),
+        lambda_pos, lambda_neg,
+    )
 
 
 def dual_attention_function(stock_name: str) -> Callable:
@@ -543,20 +547,10 @@ def dual_attention_function(stock_name: str) -> Callable:
             dim=2,
         ).reshape(batch, 2 * heads, q_len, dim)
         output, weights = stock(DoubledQueryHeads(module, 2 * groups), doubled, key, value, attention_mask, **passed)
-        # (B, Tq, 2H, D) -> (B, Tq, H_kv, 2, n, D)
-        output = output.reshape(batch, q_len, kv_heads, 2, groups, dim)
-        combined = _combine_heads_last(
-            output[:, :, :, 0].reshape(batch, q_len, heads, dim), output[:, :, :, 1].reshape(batch, q_len, heads, dim),
-            module,
-        )
+        # outputs come back (B, Tq, 2H, D), maps (where the backend returns any) (B, 2H, Tq, Tk): the signed P_G
+        combined = _combine_doubled_heads(output.transpose(1, 2), module, kv_heads, groups).transpose(1, 2)
         if weights is not None:
-            # (B, 2H, Tq, Tk) -> the signed map (B, H, Tq, Tk)
-            weights = weights.reshape(batch, kv_heads, 2, groups, q_len, -1)
-            lambda_pos, lambda_neg = module.gpam_lambda()
-            weights = combine_dual_attention(
-                weights[:, :, 0].reshape(batch, heads, q_len, -1), weights[:, :, 1].reshape(batch, heads, q_len, -1),
-                lambda_pos, lambda_neg,
-            )
+            weights = _combine_doubled_heads(weights, module, kv_heads, groups)
         return combined, weights
 
     dual_attention_forward.__qualname__ = dual_attention_forward.__name__ = f"gpam_{stock_name}_attention_forward"

@@ -29,6 +29,18 @@ def quantization_method(config) -> str | None:
     return getattr(method, "value", method)
 
 
+def check_quantization_method(config) -> str | None:
+    """The quantization method of ``config`` (None if unquantized); ``ValueError`` for one daGPAM does not support."""
+    method = quantization_method(config)
+    if method is not None and method not in QUANTIZATION_SKIP_FIELDS:
+        raise ValueError(
+            f"daGPAM supports bases quantized with {' or '.join(QUANTIZATION_SKIP_FIELDS)}; this model's "
+            f"quantization method is {method!r}, whose quantizer would have to leave gpam_q_neg / gpam_lambda "
+            "unquantized and has no tested way to. Quantize with BitsAndBytesConfig (4-bit nf4 / 8-bit) or TorchAoConfig."
+        )
+    return method
+
+
 def keep_gpam_weights_unquantized(model) -> None:
     """Add daGPAM's modules to the skip list of the model's quantization config, or refuse the method.
 
@@ -38,16 +50,10 @@ def keep_gpam_weights_unquantized(model) -> None:
     ``config.json`` and a reload leaves W⁻ alone. An empty skip list means the quantizer's defaults (the output
     embeddings and tied weights), which are kept.
     """
-    method = quantization_method(model.config)
+    method = check_quantization_method(model.config)
     if method is None:
         return
-    field = QUANTIZATION_SKIP_FIELDS.get(method)
-    if field is None:
-        raise ValueError(
-            f"daGPAM supports bases quantized with {' or '.join(QUANTIZATION_SKIP_FIELDS)}; this model's "
-            f"quantization method is {method!r}, whose quantizer would have to leave gpam_q_neg / gpam_lambda "
-            "unquantized and has no tested way to. Quantize with BitsAndBytesConfig (4-bit nf4 / 8-bit) or TorchAoConfig."
-        )
+    field = QUANTIZATION_SKIP_FIELDS[method]
     # from_pretrained(..., quantization_config=...): the quantizer about to convert this model's nn.Linear modules
     # skips the ones named here too (its own config object is not this model's yet)
     model._keep_in_fp32_modules = set(model._keep_in_fp32_modules or ()) | {"gpam_q_neg"}
