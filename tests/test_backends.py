@@ -12,10 +12,11 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_gpam.modeling import gpam_interface
+from hf_gpam.testing_utils import tiny_stock_config
 
-from .test_decoders import backends, randomise_gpam, without_dropout
+from .test_decoders import backends, without_dropout
 from .test_interface import ToyGpamAttention, qkv, reference_for
-from .utils import DECODER_TYPES, gpam_model, head_class, main_output, model_inputs, sharpen_attention
+from .utils import DECODER_TYPES, gpam_model, head_class, main_output, model_inputs, randomise_gpam, sharpen_attention
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -184,3 +185,29 @@ def test_continuous_batching_manager_gives_the_greedy_tokens_of_generate():
     finally:
         manager.stop(block=True, timeout=60)
     assert [results[i] for i in ids] == expected
+
+
+# --- serving engines that bring their own attention layer ---------------------------------------------------------
+
+
+def engine_attention(module, query, key, value, attention_mask, **kwargs):
+    # what vLLM's Transformers backend registers as "vllm": its own attention layer, with the model's H heads
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value).transpose(1, 2), None
+
+
+def test_vllms_transformers_backend_is_refused_by_name(monkeypatch):
+    # vLLM registers "vllm" in ALL_ATTENTION_FUNCTIONS and sets it on the config before building the model
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "vllm", engine_attention)
+    refusal = "cannot run on vLLM's Transformers modeling backend"
+    stock = head_class("llama")(tiny_stock_config("llama"))
+    stock.set_attn_implementation("vllm")  # a name transformers accepts: the refusal is daGPAM's
+    with pytest.raises(ValueError, match=refusal):
+        gpam_model("llama", attn_implementation="vllm")
+    model = gpam_model("llama")
+    with pytest.raises(ValueError, match=refusal):
+        model.set_attn_implementation("vllm")
+    with pytest.raises(ValueError, match=refusal):
+        gpam_interface.gpam_attn_implementation("vllm")
+    # what vLLM asks of the class before it picks that backend: the reason, not a yes or no
+    with pytest.raises(ValueError, match=rf"GpamLlamaForCausalLM {refusal}"):
+        type(model).is_backend_compatible()

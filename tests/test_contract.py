@@ -22,8 +22,10 @@ import hf_gpam
 from hf_gpam.modeling.gpam_interface import KEYWORD_POLICY
 from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE
 
-from .test_decoders import EAGER_ONLY, backends, randomise_gpam, without_dropout
-from .utils import DECODER_TYPES, gpam_model, main_output, model_inputs, sharpen_attention, stock_model
+from .test_decoders import EAGER_ONLY, backends, without_dropout
+from .utils import (
+    DECODER_TYPES, gpam_model, main_output, model_inputs, randomise_gpam, sharpen_attention, stock_model,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -18,7 +18,10 @@ from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM
 import hf_gpam
 from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE, tiny_gpam_config, tiny_stock_config
 
-from .utils import DECODER_TYPES, gpam_head_class, gpam_model, main_output, model_inputs, sharpen_attention, stock_model
+from .utils import (
+    DECODER_TYPES, gpam_head_class, gpam_model, main_output, model_inputs, randomise_gpam, sharpen_attention,
+    stock_model,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,15 +39,6 @@ def assert_close_on_valid(inputs, got, want, atol=1e-5):
         valid = inputs["attention_mask"].bool()
         got, want = got[valid], want[valid]
     torch.testing.assert_close(got, want, atol=atol, rtol=1e-5)
-
-
-def randomise_gpam(model, lambda_range=(0.2, 1.5)):
-    """Random W⁻ and λ per head, so that daGPAM changes the outputs a lot (with sharpened q/k)."""
-    with torch.no_grad():
-        for module in model.gpam_modules():
-            torch.nn.init.normal_(module.gpam_q_neg.weight, std=0.5)
-            module.gpam_lambda.weight.uniform_(*lambda_range)
-    return model
 
 
 def without_dropout(config):

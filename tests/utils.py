@@ -83,3 +83,12 @@ def sharpen_attention(model, std=0.4):
             if any(key in name for key in SHARPENED_WEIGHTS):
                 parameter.normal_(std=std)
     return model
+
+
+def randomise_gpam(model, lambda_range=(0.2, 1.5)):
+    """Random W⁻ and λ per head, so that daGPAM changes the outputs a lot (with sharpened q/k)."""
+    with torch.no_grad():
+        for module in model.gpam_modules():
+            torch.nn.init.normal_(module.gpam_q_neg.weight, std=0.5)
+            module.gpam_lambda.weight.uniform_(*lambda_range)
+    return model

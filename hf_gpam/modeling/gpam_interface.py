@@ -109,6 +109,26 @@ REFUSED_REASONS = {
 }
 
 
+# attention functions that serving engines register under their own names and that run an attention layer of the
+# engine's instead of the model's heads: the 2H-head layout cannot reach it, so the model would compute plain softmax
+# attention (or fail on a shape). Refused by name, in one line.
+FOREIGN_ATTENTION_BACKENDS = {
+    "vllm": "vLLM's Transformers modeling backend (model_impl='transformers', or vLLM's fallback for an architecture "
+    "it does not know)",
+    "vllm_mla": "vLLM's Transformers modeling backend (model_impl='transformers')",
+}
+
+
+def foreign_backend_error(backend: str, model_name: str = "a daGPAM model") -> ValueError:
+    """The one-line error for a backend of ``FOREIGN_ATTENTION_BACKENDS``."""
+    return ValueError(
+        f"{model_name} cannot run on {FOREIGN_ATTENTION_BACKENDS[backend]}: it replaces the attention function with "
+        "its own and would compute plain softmax attention, not daGPAM. Serve Llama, Mistral, Qwen2 and Qwen3 GPAM "
+        "checkpoints with hf_gpam's vLLM plugin (pip install 'hf_gpam[vllm]', and leave model_impl at 'auto' or "
+        "'vllm'), or run the model in transformers (generate, generate_batch, hf-gpam serve)."
+    )
+
+
 def gpam_attn_implementation(stock_name: str | None) -> str:
     """The registered daGPAM function that a daGPAM attention module calls when its model runs ``stock_name``.
 
@@ -120,6 +140,8 @@ def gpam_attn_implementation(stock_name: str | None) -> str:
         return GPAM_ATTN_IMPLEMENTATIONS["sdpa"]
     if stock_name.startswith(GPAM_BACKEND_PREFIX):
         return stock_name
+    if stock_name in FOREIGN_ATTENTION_BACKENDS:
+        raise foreign_backend_error(stock_name)
     name = GPAM_ATTN_IMPLEMENTATIONS.get(stock_name, GPAM_BACKEND_PREFIX + stock_name)
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, dual_attention_function(stock_name))

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .gpam_attention import GpamAttentionMixin, convert_attention_module
-from .gpam_interface import stock_attn_implementation
+from .gpam_interface import FOREIGN_ATTENTION_BACKENDS, foreign_backend_error, stock_attn_implementation
 
 
 # quantization method -> the field of its config listing modules the quantizer must leave alone
@@ -97,9 +97,9 @@ class GpamModelMixin:
     gpam_loss_type: str | None = None
     # every backend the stock class supports runs daGPAM (gpam_interface): eager and sdpa through their own daGPAM
     # functions, the others (flex, flash, paged, Hub kernels) through the dual-attention wrapper; the stock
-    # _supports_* flags stand.
-    # the attention modules route through ALL_ATTENTION_FUNCTIONS (padding-free / packed batches work)
-    _supports_attention_backend = True
+    # _supports_* flags stand. Not a backend for serving engines that bring their own attention layer (the flag's
+    # meaning: "can be used as an efficient backend in TGI and vLLM"), see is_backend_compatible.
+    _supports_attention_backend = False
     # λ is a handful of numbers per layer whose updates would be rounded away in half precision: float32 whatever
     # dtype the model is loaded in (fp16 and bf16: the strict list), and through .to() / .half() (GpamLambda._apply)
     _keep_in_fp32_modules_strict = ["gpam_lambda"]
@@ -111,10 +111,20 @@ class GpamModelMixin:
     def gpam_attention_sites(self) -> Iterator[tuple[int, str, nn.Module]]:
         raise NotImplementedError
 
+    @classmethod
+    def is_backend_compatible(cls) -> bool:
+        # What vLLM asks before it runs a transformers class on its Transformers modeling backend, whose attention
+        # layer replaces the model's and would compute plain softmax. Answering False is not enough: vLLM also takes
+        # any class whose attention goes through ALL_ATTENTION_FUNCTIONS. So the question gets the reason, in the
+        # process that loads the model, before any engine starts.
+        raise foreign_backend_error("vllm", cls.__name__)
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         # The public hook through which transformers resolves every requested backend (construction,
         # from_pretrained, set_attn_implementation). The model config holds the stock name; the daGPAM names release
         # 0.2 used ("gpam_sdpa", "gpam_eager") are accepted for the stock ones.
+        if requested_attention in FOREIGN_ATTENTION_BACKENDS:
+            raise foreign_backend_error(requested_attention, type(self).__name__)
         return super().get_correct_attn_implementation(stock_attn_implementation(requested_attention), is_init_check)
 
     def convert_to_gpam(self) -> None:
