@@ -384,3 +384,23 @@ def test_inverse_rotation_runs_in_float32_under_half_precision(dtype):
     naive_error = ((naive.double() - want).norm() / want.norm()).item()
     # measured: bf16 0.30 % vs 0.41 %, fp16 0.033 % vs 0.056 %; what remains is W⁻ in half precision and the cast
     assert error < 0.8 * naive_error and error < torch.finfo(dtype).eps, (error, naive_error)
+
+
+@pytest.mark.parametrize("rotary", [16, 8], ids=["full-rotary", "partial-rotary"])
+def test_fused_relative_negative_query_matches_the_two_rotations(rotary):
+    # relative_negative_query (roll + addcmul, coefficients derived once per (cos, sin) pair) against the written-out
+    # RoPE(ReLU(RoPE⁻¹(Q⁺)) W⁻) of rotate_query, in float64; scaled angles (a ≠ 1, YaRN-style) and a second pair of
+    # (cos, sin) that must not reuse the first pair's cached coefficients
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.gpam_q_neg = torch.nn.Linear(16, 16, bias=False, dtype=torch.float64)
+    query = torch.randn(2, 3, 5, 16, dtype=torch.float64)
+    for scale in (1.0, 1.3):
+        angles = torch.rand(2, 5, rotary // 2, dtype=torch.float64) * 6
+        cos, sin = (torch.cat((f(angles),) * 2, -1) * scale for f in (torch.cos, torch.sin))
+        unrotated = rotate_query(query, cos, sin, inverse=True)
+        expected = rotate_query(module.gpam_q_neg(F.relu(unrotated)), cos, sin)
+        got = gpam_interface.relative_negative_query(module, query, cos, sin, torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        # the inverse really undoes the rotation (a² divided out)
+        torch.testing.assert_close(rotate_query(unrotated, cos, sin), query, rtol=1e-12, atol=1e-12)

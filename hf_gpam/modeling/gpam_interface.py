@@ -303,6 +303,8 @@ def negative_query(
         layout = getattr(module, "gpam_rotary_layout", "half")
         # the rotations in at least float32: in bf16 the inverse alone adds about 1 % relative error to Q⁻
         work = torch.promote_types(query.dtype, torch.float32)
+        if layout == "half":
+            return relative_negative_query(module, query, cos, sin, work)
         unrotated = rotate_query(query.to(work), cos.to(work), sin.to(work), inverse=True, layout=layout)
         projected = _project(module, F.relu(unrotated).to(query.dtype))
         return rotate_query(projected.to(work), cos.to(work), sin.to(work), layout=layout).to(query.dtype)
@@ -310,6 +312,59 @@ def negative_query(
         return _project(module, F.relu(query))
     with torch.autocast(query.device.type, enabled=False):
         return module.gpam_q_neg(F.relu(query).to(module.gpam_q_neg.weight.dtype))
+
+
+# the rotation coefficients of the last (cos, sin) pair seen: every layer of a forward pass gets the same two tensors
+# from the model's rotary embedding, so they are derived once per pass instead of once per layer
+_ROTATION_COEFFICIENTS: dict = {}
+
+
+def half_rotation_coefficients(cos: torch.Tensor, sin: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``(c, s, c_inv, s_inv)``, each (B, 1, T, R), for the "half" rotary layout in dtype ``work``.
+
+    With r = ``roll(x, R/2)`` (the two halves of the rotated dims swapped), RoPE is ``x·c + r·s`` and its inverse
+    ``x·c_inv + r·s_inv``: ``rotate_half(x)·sin`` = ``r·s`` with s = [−sin₁; sin₂], and the inverse divides by
+    a² = cos² + sin² as ``rotate_query(inverse=True)`` does. Cached for the last (cos, sin) pair (by identity; never
+    while compiling or when they need gradients).
+    """
+    cached = _ROTATION_COEFFICIENTS.get("last")
+    if cached is not None and cached[0] is cos and cached[1] is sin and cached[2] == work:
+        return cached[3]
+    c, s = cos.to(work).unsqueeze(1), sin.to(work).unsqueeze(1)
+    half = c.shape[-1] // 2
+    s_signed = torch.cat((-s[..., :half], s[..., half:]), dim=-1)
+    inverse_scale = torch.reciprocal(c * c + s * s)
+    coefficients = (c, s_signed, c * inverse_scale, -s_signed * inverse_scale)
+    if not (cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling()):
+        _ROTATION_COEFFICIENTS["last"] = (cos, sin, work, coefficients)
+    return coefficients
+
+
+def relative_negative_query(
+    module: torch.nn.Module, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, work: torch.dtype
+) -> torch.Tensor:
+    """Q⁻ = RoPE(ReLU(RoPE⁻¹(Q⁺)) W⁻) for the "half" rotary layout, in few ops: each rotation is one ``roll`` and one
+    ``addcmul`` over the query (``half_rotation_coefficients``); partial rotary dims (R < D) pass through.
+
+    Written flat, without helpers or no-op casts: in a decode step every op and Python call costs about as much as the
+    arithmetic, once per layer and token.
+    """
+    c, s, c_inv, s_inv = half_rotation_coefficients(cos, sin, work)
+    rotary, half = c.shape[-1], c.shape[-1] // 2
+    partial = rotary != query.shape[-1]
+    x = query if query.dtype == work else query.to(work)
+    part = x[..., :rotary] if partial else x
+    unrotated = torch.addcmul(part * c_inv, part.roll(half, dims=-1), s_inv)
+    if partial:
+        unrotated = torch.cat((unrotated, x[..., rotary:]), dim=-1)
+    activations = F.relu(unrotated)
+    projected = _project(module, activations if query.dtype == work else activations.to(query.dtype))
+    y = projected if projected.dtype == work else projected.to(work)
+    part = y[..., :rotary] if partial else y
+    rotated = torch.addcmul(part * c, part.roll(half, dims=-1), s)
+    if partial:
+        rotated = torch.cat((rotated, y[..., rotary:]), dim=-1)
+    return rotated if rotated.dtype == query.dtype else rotated.to(query.dtype)
 
 
 def _project(module: torch.nn.Module, activations: torch.Tensor) -> torch.Tensor:

@@ -77,10 +77,16 @@ def combine_dual_attention(
     """
     out_dtype = positive.dtype
     work_dtype = torch.promote_types(out_dtype, torch.float32)
-    lam_pos, lam_neg = _lambdas_as_columns(lambda_pos, lambda_neg, work_dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (positive, negative, lambda_pos, lambda_neg)
     )
+    if lambda_pos is lambda_neg and out_dtype == work_dtype and negative.dtype == work_dtype:
+        # tied λ: (1 + λ)·P − λ·N = P + (−λ)·(N − P), one lerp (the same tensor for both: GpamLambda's tied form)
+        weight = -lambda_pos.to(work_dtype).view(1, -1, 1, 1)
+        if overwrite_positive and not needs_grad:
+            return positive.lerp_(negative, weight)
+        return torch.lerp(positive, negative, weight)
+    lam_pos, lam_neg = _lambdas_as_columns(lambda_pos, lambda_neg, work_dtype)
     if overwrite_positive and not needs_grad and positive.dtype == work_dtype:
         return positive.mul_(1.0 + lam_pos).addcmul_(negative, lam_neg.to(negative.dtype), value=-1.0)
     # one fresh tensor, the subtraction in place on it (autograd-safe: mul's backward does not need its output)
