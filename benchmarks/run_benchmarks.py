@@ -19,6 +19,14 @@ and layer: F_proj = 2·4·d², F_mlp = 2·2·d·d_ff, LM head 2·d·V. Example, 
 T=1024, D=64: F_proj = 8·768² = 4.7 MFLOP and F_core = 4·1024·768 = 3.1 MFLOP per token, so the floor is
 (4.7 + 6.3) / (4.7 + 3.1) ≈ 1.41. ``--quick`` and the full run print this floor next to every timed row.
 
+The measured floor
+------------------
+The FLOP floor says nothing about kernel efficiency at two calls instead of one. So every timed row also times the
+stock model whose attention modules (at the places daGPAM converts) call their backend's stock attention function
+twice on the same inputs and average the outputs (``floor_attention_function``): the stock module plus one extra
+kernel call of the same shape. daGPAM / floor is what this implementation adds beyond that second call; targets:
+1.05 for attention modules, 1.03 for training steps.
+
 K and V are shared by both maps, so the KV cache is the stock one and a decode step adds only a second
 attention read over the cache: decoding is dominated by MLPs and the LM head. Nothing T×T exists on the fused
 path, so the fused forward's peak memory adds at most a few (B, H, T, D) tensors.

@@ -106,8 +106,8 @@ def convert_attention(attention: nn.Module, config) -> None:
             f"{type(stock).__name__} ({stock.attn_type})"
         )
     heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
-    dtype = attention.qkv_proj.weight.dtype if hasattr(attention.qkv_proj, "weight") else torch.get_default_dtype()
-    attention.gpam_q_neg = nn.Linear(dim, dim, bias=False, dtype=dtype)
+    # W⁻ unquantized, in the model's dtype (vLLM builds the model under it as the default dtype)
+    attention.gpam_q_neg = nn.Linear(dim, dim, bias=False)
     # a parameter whatever gpam_lambda_trainable says, so that vLLM's loader (which walks named_parameters) fills it
     attention.gpam_lambda = GpamLambda(heads, tied=config.gpam_tie_lambda, trainable=True)
     attention.rotary_emb = NegativeQueryRotary(

@@ -146,6 +146,8 @@ def test_the_transformers_backend_refuses_a_gpam_checkpoint(llama_checkpoint, tm
     result = run_engine(tmp_path, llama_checkpoint["folder"], args)
     assert result.returncode != 0
     assert REFUSAL in result.stderr, result.stderr[-5000:]
+    # refused while vLLM resolves the model, in the calling process: no engine process was started
+    assert "EngineCore" not in result.stderr, result.stderr[-5000:]
 
 
 def test_without_the_plugin_the_checkpoint_code_refuses_the_transformers_fallback(llama_checkpoint, tmp_path):
@@ -155,6 +157,8 @@ def test_without_the_plugin_the_checkpoint_code_refuses_the_transformers_fallbac
     result = run_engine(tmp_path, llama_checkpoint["folder"], args, env={"VLLM_PLUGINS": ""})
     assert result.returncode != 0
     assert REFUSAL in result.stderr, result.stderr[-5000:]
+    # refused while vLLM resolves the model, in the calling process: no engine process was started
+    assert "EngineCore" not in result.stderr, result.stderr[-5000:]
 
 
 def served_ids(tokens: list[str], eos: int) -> list[int]:
