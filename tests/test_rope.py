@@ -404,3 +404,9 @@ def test_fused_relative_negative_query_matches_the_two_rotations(rotary):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         # the inverse really undoes the rotation (a² divided out)
         torch.testing.assert_close(rotate_query(unrotated, cos, sin), query, rtol=1e-12, atol=1e-12)
+    # the same tensors changed in place: the cached coefficients of their old values must not be used
+    cos.mul_(0.5)
+    sin.mul_(0.5)
+    expected = rotate_query(module.gpam_q_neg(F.relu(rotate_query(query, cos, sin, inverse=True))), cos, sin)
+    got = gpam_interface.relative_negative_query(module, query, cos, sin, torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

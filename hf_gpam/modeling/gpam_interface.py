@@ -324,19 +324,21 @@ def half_rotation_coefficients(cos: torch.Tensor, sin: torch.Tensor, work: torch
 
     With r = ``roll(x, R/2)`` (the two halves of the rotated dims swapped), RoPE is ``x·c + r·s`` and its inverse
     ``x·c_inv + r·s_inv``: ``rotate_half(x)·sin`` = ``r·s`` with s = [−sin₁; sin₂], and the inverse divides by
-    a² = cos² + sin² as ``rotate_query(inverse=True)`` does. Cached for the last (cos, sin) pair (by identity; never
-    while compiling or when they need gradients).
+    a² = cos² + sin² as ``rotate_query(inverse=True)`` does. Cached for the last (cos, sin) pair: the same two tensor
+    objects at the same versions (an in-place change of either derives them again); never while compiling or when
+    they need gradients.
     """
+    key = (cos, sin, cos._version, sin._version, work)
     cached = _ROTATION_COEFFICIENTS.get("last")
-    if cached is not None and cached[0] is cos and cached[1] is sin and cached[2] == work:
-        return cached[3]
+    if cached is not None and cached[0] is cos and cached[1] is sin and cached[2:5] == key[2:]:
+        return cached[5]
     c, s = cos.to(work).unsqueeze(1), sin.to(work).unsqueeze(1)
     half = c.shape[-1] // 2
     s_signed = torch.cat((-s[..., :half], s[..., half:]), dim=-1)
     inverse_scale = torch.reciprocal(c * c + s * s)
     coefficients = (c, s_signed, c * inverse_scale, -s_signed * inverse_scale)
     if not (cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling()):
-        _ROTATION_COEFFICIENTS["last"] = (cos, sin, work, coefficients)
+        _ROTATION_COEFFICIENTS["last"] = (*key, coefficients)
     return coefficients
 
 
