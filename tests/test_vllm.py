@@ -20,7 +20,7 @@ import hf_gpam
 from hf_gpam.data import stdlib_docstring_corpus, train_byte_level_bpe
 from hf_gpam.testing_utils import tiny_gpam_config
 
-from .servers import free_port, start_server, stop_server
+from .servers import complete_text, free_port, start_server, stop_server
 from .utils import randomise_gpam, sharpen_attention
 
 
@@ -87,8 +87,8 @@ def save_checkpoint(family, tokenizer, tmp_path_factory):
     assert [greedy(tokenizer(p, return_tensors="pt")["input_ids"]) for p in PROMPTS] != tokens
     return {
         "family": family, "folder": str(folder), "eos": eos, "tokens": tokens, "chat_tokens": chat_tokens,
-        "completion": tokenizer.decode(tokens[0], skip_special_tokens=True),
-        "chat": tokenizer.decode(chat_tokens, skip_special_tokens=True),
+        "completion": complete_text(tokenizer.decode(tokens[0], skip_special_tokens=True)),
+        "chat": complete_text(tokenizer.decode(chat_tokens, skip_special_tokens=True)),
     }
 
 
@@ -201,22 +201,20 @@ def test_vllm_serve_answers_the_openai_client_with_the_greedy_text(llama_checkpo
         )
         completion = client.completions.create(prompt=PROMPTS[0], logprobs=1, **common)
         assert served_ids(completion.choices[0].logprobs.tokens, checkpoint["eos"]) == checkpoint["tokens"][0]
-        assert completion.choices[0].text == checkpoint["completion"]
+        assert complete_text(completion.choices[0].text) == checkpoint["completion"]
         streamed = list(client.completions.create(prompt=PROMPTS[0], logprobs=1, stream=True, **common))
         tokens = [t for chunk in streamed for t in chunk.choices[0].logprobs.tokens]
         assert served_ids(tokens, checkpoint["eos"]) == checkpoint["tokens"][0]
-        assert "".join(chunk.choices[0].text for chunk in streamed) == checkpoint["completion"]
-        # chat: vLLM's detokenizer holds back a trailing incomplete UTF-8 sequence (a byte-level token of the tiny
-        # model), which decode() renders as U+FFFD; the tokens must be equal, the text up to that character
+        assert complete_text("".join(chunk.choices[0].text for chunk in streamed)) == checkpoint["completion"]
         chat = client.chat.completions.create(messages=MESSAGES, logprobs=True, **common)
         tokens = [t.token for t in chat.choices[0].logprobs.content]
         assert served_ids(tokens, checkpoint["eos"]) == checkpoint["chat_tokens"]
-        assert chat.choices[0].message.content == checkpoint["chat"].rstrip("\ufffd")
+        assert complete_text(chat.choices[0].message.content) == checkpoint["chat"]
         streamed_chat = client.chat.completions.create(messages=MESSAGES, logprobs=True, stream=True, **common)
         streamed_chat = [chunk for chunk in streamed_chat if chunk.choices]
         tokens = [t.token for c in streamed_chat if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
         assert served_ids(tokens, checkpoint["eos"]) == checkpoint["chat_tokens"]
-        assert "".join(c.choices[0].delta.content or "" for c in streamed_chat) == checkpoint["chat"].rstrip("\ufffd")
+        assert complete_text("".join(c.choices[0].delta.content or "" for c in streamed_chat)) == checkpoint["chat"]
     finally:
         stop_server(server)
     assert "Resolved architecture: GpamLlamaForCausalLM" in (tmp_path / "server.log").read_text()
