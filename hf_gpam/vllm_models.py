@@ -37,7 +37,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.v1.attention.backend import AttentionType
 
 from .modeling.gpam_attention import GpamLambda
-from .modeling.gpam_ops import combine_dual_attention
+from .modeling.gpam_interface import combine_doubled_heads, double_query_heads
 
 
 def _not_a_module(owner: nn.Module, name: str, module: nn.Module) -> None:
@@ -55,11 +55,10 @@ class NegativeQueryRotary(nn.Module):
         self.relative, self.heads, self.kv_heads, self.dim = relative, heads, kv_heads, dim
 
     def _doubled(self, query: torch.Tensor, query_neg: torch.Tensor) -> torch.Tensor:
-        # (T, H·D) twice -> (T, H_kv, 2, n, D) -> (T, 2H·D): per K/V head its n positive, then its n negative heads
-        tokens, groups = query.shape[0], self.heads // self.kv_heads
-        shape = (tokens, self.kv_heads, groups, self.dim)
-        doubled = torch.stack((query.reshape(shape), query_neg.reshape(shape)), dim=2)
-        return doubled.reshape(tokens, 2 * self.heads * self.dim)
+        # (T, H·D) twice -> (T, 2H·D), hf_gpam's dual-attention layout over vLLM's (T, heads, D)
+        tokens = query.shape[0]
+        heads = (tokens, self.heads, self.dim)
+        return double_query_heads(query.view(heads), query_neg.view(heads), self.kv_heads).reshape(tokens, -1)
 
     def _negative(self, query: torch.Tensor) -> torch.Tensor:
         tokens = query.shape[0]
@@ -86,15 +85,11 @@ class DualAttention(Attention):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
         output = super().forward(query, key, value, **kwargs)
-        tokens, groups, dim = output.shape[0], self.gpam_heads // self.gpam_kv_heads, self.head_size_v
-        # (T, H_kv, 2, n, D) -> positive and negative outputs as (1, H, T, D), the layout combine_dual_attention takes
-        split = output.reshape(tokens, self.gpam_kv_heads, 2, groups, dim)
-        positive, negative = (
-            half.reshape(tokens, self.gpam_heads, dim).transpose(0, 1)[None] for half in split.unbind(2)
-        )
-        lambda_pos, lambda_neg = self.gpam_lambda()
-        combined = combine_dual_attention(positive, negative, lambda_pos, lambda_neg)
-        return combined[0].transpose(0, 1).reshape(tokens, self.gpam_heads * dim)
+        tokens = output.shape[0]
+        # (T, 2H·D) -> (1, 2H, T, D), the layout combine_doubled_heads takes, and the (1, H, T, D) result back
+        doubled = output.view(tokens, 2 * self.gpam_heads, self.head_size_v).transpose(0, 1)[None]
+        combined = combine_doubled_heads(doubled, *self.gpam_lambda(), self.gpam_kv_heads)
+        return combined[0].transpose(0, 1).reshape(tokens, -1)
 
 
 def convert_attention(attention: nn.Module, config) -> None:

@@ -575,16 +575,22 @@ class DoubledQueryHeads:
         return getattr(self.__dict__["module"], name)
 
 
-def _combine_doubled_heads(doubled: torch.Tensor, module: torch.nn.Module, kv_heads: int, groups: int) -> torch.Tensor:
-    # (B, 2H, Tq, *) laid out [Q⁺_g; Q⁻_g] for each K/V head g -> (1+λ⁺)·positive − λ⁻·negative, (B, H, Tq, *)
-    batch, _, q_len, last = doubled.shape
-    split = doubled.reshape(batch, kv_heads, 2, groups, q_len, last)
-    heads = kv_heads * groups
-    lambda_pos, lambda_neg = module.gpam_lambda()
-    return combine_dual_attention(
-        split[:, :, 0].reshape(batch, heads, q_len, last), split[:, :, 1].reshape(batch, heads, q_len, last),
-        lambda_pos, lambda_neg,
-    )
+def double_query_heads(query: torch.Tensor, query_neg: torch.Tensor, kv_heads: int, head_axis: int = 1) -> torch.Tensor:
+    """The dual-attention layout: Q⁺ and Q⁻ (H heads each along ``head_axis``) -> 2H heads, [Q⁺_g; Q⁻_g] for each of
+    the ``kv_heads`` K/V heads g, so that every K/V head serves its n = H / H_kv positive and its n negative heads as
+    one grouped-query group of 2n. (B, H, T, D) here; vLLM's (T, H, D) with ``head_axis=1`` too (hf_gpam.vllm_models).
+    """
+    pair = (query.unflatten(head_axis, (kv_heads, -1)), query_neg.unflatten(head_axis, (kv_heads, -1)))
+    return torch.stack(pair, dim=head_axis + 1).flatten(head_axis, head_axis + 2)
+
+
+def combine_doubled_heads(
+    doubled: torch.Tensor, lambda_pos: torch.Tensor, lambda_neg: torch.Tensor, kv_heads: int
+) -> torch.Tensor:
+    """(B, 2H, Tq, *) laid out by ``double_query_heads`` -> (1+λ⁺)·positive − λ⁻·negative, (B, H, Tq, *): outputs and
+    attention maps alike."""
+    positive, negative = (half.flatten(1, 2) for half in doubled.unflatten(1, (kv_heads, 2, -1)).unbind(2))
+    return combine_dual_attention(positive, negative, lambda_pos, lambda_neg)
 
 
 def dual_attention_function(stock_name: str) -> Callable:
@@ -617,19 +623,14 @@ def dual_attention_function(stock_name: str) -> Callable:
                                            stock_name)
         passed = {name: v for name, v in kwargs.items() if name != "gpam_position_embeddings"}
         query_neg = negative_query(module, query, position_embeddings=relative_position_embeddings(module, applied))
-        batch, heads, q_len, dim = query.shape
-        kv_heads = key.shape[1]
-        groups = _key_value_groups(query, key)
-        # (B, H, Tq, D) -> (B, H_kv, 2, n, Tq, D) -> (B, 2H, Tq, D): per K/V head its n positive, then n negative heads
-        doubled = torch.stack(
-            (query.reshape(batch, kv_heads, groups, q_len, dim), query_neg.reshape(batch, kv_heads, groups, q_len, dim)),
-            dim=2,
-        ).reshape(batch, 2 * heads, q_len, dim)
+        kv_heads, groups = key.shape[1], _key_value_groups(query, key)
+        doubled = double_query_heads(query, query_neg, kv_heads)
         output, weights = stock(DoubledQueryHeads(module, 2 * groups), doubled, key, value, attention_mask, **passed)
         # outputs come back (B, Tq, 2H, D), maps (where the backend returns any) (B, 2H, Tq, Tk): the signed P_G
-        combined = _combine_doubled_heads(output.transpose(1, 2), module, kv_heads, groups).transpose(1, 2)
+        lambdas = module.gpam_lambda()
+        combined = combine_doubled_heads(output.transpose(1, 2), *lambdas, kv_heads).transpose(1, 2)
         if weights is not None:
-            weights = _combine_doubled_heads(weights, module, kv_heads, groups)
+            weights = combine_doubled_heads(weights, *lambdas, kv_heads)
         return combined, weights
 
     dual_attention_forward.__qualname__ = dual_attention_forward.__name__ = f"gpam_{stock_name}_attention_forward"
