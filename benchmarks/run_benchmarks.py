@@ -194,13 +194,10 @@ def floor_attention_function(stock_name: str):
     else daGPAM adds (Q⁻ = ReLU(Q⁺)W⁻, RoPE handling, the λ arithmetic, layout copies) is overhead against this floor.
     """
 
-    def floor_forward(module, query, key, value, attention_mask, **kwargs):
-        if stock_name in ALL_ATTENTION_FUNCTIONS:
-            stock = ALL_ATTENTION_FUNCTIONS[stock_name]
-        else:
-            from hf_gpam.modeling.gpam_interface import stock_eager_attention_function
+    from hf_gpam.modeling.gpam_interface import stock_attention_function
 
-            stock = stock_eager_attention_function(module)
+    def floor_forward(module, query, key, value, attention_mask, **kwargs):
+        stock = stock_attention_function(stock_name, module)
         output, weights = stock(module, query, key, value, attention_mask, **kwargs)
         extra, _ = stock(module, query, key, value, attention_mask, **kwargs)
         return torch.lerp(output, extra, 0.5), weights

@@ -119,7 +119,7 @@ def convert_attention(attention: nn.Module, config) -> None:
     )
 
 
-class GpamModelMixin:
+class GpamVllmModelMixin:
     """Placed first in the bases: builds the stock vLLM model, then converts the layers the config selects."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
@@ -141,17 +141,17 @@ class GpamModelMixin:
                 convert_attention(attention, config)
 
 
-class GpamLlamaForCausalLM(GpamModelMixin, LlamaForCausalLM):
+class GpamLlamaForCausalLM(GpamVllmModelMixin, LlamaForCausalLM):
     pass
 
 
-class GpamMistralForCausalLM(GpamModelMixin, MistralForCausalLM):
+class GpamMistralForCausalLM(GpamVllmModelMixin, MistralForCausalLM):
     pass
 
 
-class GpamQwen2ForCausalLM(GpamModelMixin, Qwen2ForCausalLM):
+class GpamQwen2ForCausalLM(GpamVllmModelMixin, Qwen2ForCausalLM):
     pass
 
 
-class GpamQwen3ForCausalLM(GpamModelMixin, Qwen3ForCausalLM):
+class GpamQwen3ForCausalLM(GpamVllmModelMixin, Qwen3ForCausalLM):
     pass

@@ -23,13 +23,9 @@ from __future__ import annotations
 VLLM_MIN = "0.32.0"
 VLLM_VERIFIED_BELOW = "0.33.0"
 
-# GPAM architecture -> the vLLM model it converts (hf_gpam.vllm_models)
-VLLM_ARCHITECTURES = {
-    "GpamLlamaForCausalLM": "LlamaForCausalLM",
-    "GpamMistralForCausalLM": "MistralForCausalLM",
-    "GpamQwen2ForCausalLM": "Qwen2ForCausalLM",
-    "GpamQwen3ForCausalLM": "Qwen3ForCausalLM",
-}
+# the GPAM architectures served natively, each a class of hf_gpam.vllm_models converting vLLM's model of that name
+# without the "Gpam" prefix
+VLLM_ARCHITECTURES = ("GpamLlamaForCausalLM", "GpamMistralForCausalLM", "GpamQwen2ForCausalLM", "GpamQwen3ForCausalLM")
 
 
 def check_vllm_version(version: str) -> None:
@@ -58,9 +54,8 @@ def register() -> None:
     from vllm import ModelRegistry
 
     check_vllm_version(vllm.__version__)
-    import transformers
-
-    import hf_gpam  # (registers the GPAM configs and models with the Auto classes)
+    # importing hf_gpam registers the GPAM configs and models with the Auto classes
+    from .serve_cli import bind_gpam_classes_to_transformers
 
     supported = set(ModelRegistry.get_supported_archs())
     for architecture in VLLM_ARCHITECTURES:
@@ -68,8 +63,6 @@ def register() -> None:
             ModelRegistry.register_model(architecture, f"hf_gpam.vllm_models:{architecture}")
     # vLLM's Transformers backend looks a model class up as getattr(transformers, architecture) before it reads the
     # checkpoint's remote code (which needs trust_remote_code): with the GPAM classes bound there, in vLLM's
-    # processes only, model_impl="transformers" reaches GpamModelMixin.is_backend_compatible and its one-line reason
-    # rather than "Cannot find model module"
-    for architecture in hf_gpam.__all__:
-        if architecture.endswith("ForCausalLM") and not hasattr(transformers, architecture):
-            setattr(transformers, architecture, getattr(hf_gpam, architecture))
+    # processes only (as hf-gpam serve binds them in its own), model_impl="transformers" reaches
+    # GpamModelMixin.is_backend_compatible and its one-line reason rather than "Cannot find model module"
+    bind_gpam_classes_to_transformers()

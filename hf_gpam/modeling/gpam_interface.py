@@ -593,6 +593,15 @@ def combine_doubled_heads(
     return combine_dual_attention(positive, negative, lambda_pos, lambda_neg)
 
 
+def stock_attention_function(stock_name: str, module: torch.nn.Module) -> Callable:
+    """The stock attention function a module calls under ``stock_name``, looked up at call time (so a kernel
+    registered later under that name is the one used)."""
+    if stock_name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[stock_name]
+    # a name transformers resolves itself (a deprecated "paged|" prefix, or the module's own eager function)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(stock_name, stock_eager_attention_function(module))
+
+
 def dual_attention_function(stock_name: str) -> Callable:
     """The daGPAM function ``gpam_<stock_name>``: the stock function of ``stock_name`` over 2H query heads.
 
@@ -612,11 +621,7 @@ def dual_attention_function(stock_name: str) -> Callable:
         attention_mask,
         **kwargs,
     ):
-        if stock_name in ALL_ATTENTION_FUNCTIONS:
-            stock = ALL_ATTENTION_FUNCTIONS[stock_name]
-        else:
-            # a name transformers resolves itself (a deprecated "paged|" prefix, or the module's own eager function)
-            stock = ALL_ATTENTION_FUNCTIONS.get_interface(stock_name, stock_eager_attention_function(module))
+        stock = stock_attention_function(stock_name, module)
         if not is_gpam_attention_module(module):
             return stock(module, query, key, value, attention_mask, **kwargs)
         applied = check_attention_keywords({k: v for k, v in kwargs.items() if k not in ("dropout", "scaling")},
