@@ -12,7 +12,7 @@ from scratch with a plain PyTorch loop (AdamW, warmup + cosine decay, fixed numb
 
 for several seeds, on two corpora: the standard library's docstrings (``hf_gpam.data.stdlib_docstring_corpus``)
 and the German side of the WMT en-de sample (``wmt_en_de_sample/`` in --data_dir). Per run it records validation
-perplexity and the per-layer diagnostics (``hf_gpam.diagnostics``) at initialisation and after training; the
+perplexity and the per-layer diagnostics (``hf_gpam.analysis.diagnostics``) at initialisation and after training; the
 report step writes a markdown table (mean ± std over seeds) and figures.
 
 The optimiser is AdamW with hf_gpam's weight-decay rule (``hf_gpam.training.gpam_optimizer_groups``), the one
@@ -48,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hf_gpam import GpamGPT2Config, GpamGPT2LMHeadModel  # noqa: E402
 from hf_gpam.data import stdlib_docstring_corpus, train_byte_level_bpe  # noqa: E402
-from hf_gpam.diagnostics import attention_components, diagnose_model  # noqa: E402
+from hf_gpam.analysis.diagnostics import attention_components, diagnose_model  # noqa: E402
 from hf_gpam.training import gpam_optimizer_groups  # noqa: E402
 
 
@@ -254,7 +254,7 @@ def run_one(args, dataset, variant, seed, data, n_inner, figure_dir) -> dict:
 
     if variant == "dagpam_trainable" and seed == args.seeds[0]:
         # the signed maps of one trained daGPAM head: P⁺, P⁻ and P_G side by side
-        from hf_gpam.plotting import plot_signed_attention
+        from hf_gpam.analysis.plotting import plot_signed_attention
 
         layer = args.n_layer - 1
         components = attention_components(model, val[:1, :32], layer=layer)
@@ -343,7 +343,7 @@ def pure_attention_probe(depth=12, width=64, heads=4, length=32, draws=20, lambd
     bidirectional attention; λ = 0 is softmax attention. Returns {label: [mean residual_fro per depth]} averaged
     over ``draws`` random inputs and weight draws (the same draws for every λ).
     """
-    from hf_gpam.diagnostics import rank_collapse_residual
+    from hf_gpam.analysis.diagnostics import rank_collapse_residual
     from hf_gpam.modeling.gpam_ops import reference_gpam_attention
 
     head_dim = width // heads
@@ -376,7 +376,7 @@ def pure_attention_probe(depth=12, width=64, heads=4, length=32, draws=20, lambd
 
 
 def plot_probe(curves: dict, path: str) -> str:
-    from hf_gpam.plotting import plt
+    from hf_gpam.analysis.plotting import plt
 
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
     for index, (label, values) in enumerate(curves.items()):
@@ -418,8 +418,8 @@ def _layer_mean(runs, key, metric, skip_first=False):
 
 
 def write_report(args) -> str:
-    from hf_gpam.diagnostics import ModelDiagnostics
-    from hf_gpam.plotting import plot_layer_curves, plot_training_curves
+    from hf_gpam.analysis.diagnostics import ModelDiagnostics
+    from hf_gpam.analysis.plotting import plot_layer_curves, plot_training_curves
 
     figure_dir = os.path.join(args.output_dir, "figures")
     lines = [

@@ -9,10 +9,49 @@ attention functions (``gpam_eager``, ``gpam_sdpa``, ``gpam_<backend>`` for the o
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
 from transformers import AutoConfig
 
 
 __version__ = "0.1.0"
+
+# Modules of releases 0.1-0.3 that now live in a sub-package (cli/, serving/, analysis/), by their old names. The
+# package's folder listing shows its architecture; code written against the old names keeps importing.
+MOVED_MODULES = {
+    "hf_gpam.convert": "hf_gpam.cli.convert",
+    "hf_gpam.demo": "hf_gpam.cli.demo",
+    "hf_gpam.diagnose_cli": "hf_gpam.cli.diagnose",
+    "hf_gpam.compare_curves_cli": "hf_gpam.cli.compare_curves",
+    "hf_gpam.serve_cli": "hf_gpam.cli.serve",
+    "hf_gpam.diagnostics": "hf_gpam.analysis.diagnostics",
+    "hf_gpam.plotting": "hf_gpam.analysis.plotting",
+    "hf_gpam.vllm_plugin": "hf_gpam.serving.vllm_plugin",
+    "hf_gpam.vllm_models": "hf_gpam.serving.vllm_models",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import hf_gpam.diagnostics`` gives the module ``hf_gpam.analysis.diagnostics`` itself (one module object
+    under both names); only the names of ``MOVED_MODULES`` are looked at."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(name, self)
+
+    def create_module(self, spec):
+        return importlib.import_module(MOVED_MODULES[spec.name])
+
+    def exec_module(self, module):
+        pass
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModuleFinder())
 
 # the verified transformers range is checked when the modeling code is imported (hf_gpam.modeling.gpam_version),
 # here and in the copy that ships next to every checkpoint alike

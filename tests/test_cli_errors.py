@@ -88,7 +88,7 @@ def test_multi_line_messages_are_joined_into_one_line(capsys):
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     # RuntimeError (torch), KeyError, ... are not bad input: hiding them behind exit status 2 would hide bugs
-    import hf_gpam.compare_curves_cli as command
+    import hf_gpam.cli.compare_curves as command
 
     def broken_run(args):
         raise RuntimeError("shape mismatch inside torch")

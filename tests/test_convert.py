@@ -17,7 +17,7 @@ from transformers import (
 import hf_gpam
 from hf_gpam.architectures import ARCHITECTURES, DECODER_FAMILIES
 from hf_gpam.cli import main as cli_main
-from hf_gpam.convert import convert_checkpoint
+from hf_gpam.cli.convert import convert_checkpoint
 from hf_gpam.data import train_byte_level_bpe
 from hf_gpam.hub import gpam_lambda_values, hub_ready_problems, render_model_card
 from hf_gpam.testing_utils import tiny_gpam_config, tiny_stock_config

@@ -1,4 +1,4 @@
-"""Tests of hf_gpam.diagnostics, hf_gpam.plotting and the ``diagnose`` / ``compare-curves`` commands.
+"""Tests of hf_gpam.analysis.diagnostics, hf_gpam.analysis.plotting and the ``diagnose`` / ``compare-curves`` commands.
 
 Every metric is checked against a value worked out by hand (or by brute force) on tiny matrices; gradient norms
 against a direct autograd computation on the model's default (sdpa) backend; the CLI on tiny saved models.
@@ -17,7 +17,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from hf_gpam import GpamBartForConditionalGeneration, GpamGPT2LMHeadModel
 from hf_gpam.architectures import DECODER_FAMILIES
 from hf_gpam.cli import main as cli_main
-from hf_gpam.diagnostics import (
+from hf_gpam.analysis.diagnostics import (
     ModelDiagnostics,
     attention_components,
     attention_entropy,
@@ -30,7 +30,7 @@ from hf_gpam.diagnostics import (
     rank_collapse_residual,
     rank_collapse_residual_l1inf,
 )
-from hf_gpam.plotting import plot_layer_curves, plot_signed_attention, plot_training_curves
+from hf_gpam.analysis.plotting import plot_layer_curves, plot_signed_attention, plot_training_curves
 from hf_gpam.testing_utils import tiny_gpam_config, tiny_stock_config
 
 
@@ -544,7 +544,7 @@ def test_remote_code_model_is_recognised_by_duck_typing(saved_models):
 def test_read_texts_from_a_file(tmp_path):
     from argparse import Namespace
 
-    from hf_gpam.diagnose_cli import read_texts
+    from hf_gpam.cli.diagnose import read_texts
 
     text_file = tmp_path / "inputs.txt"
     text_file.write_text("\n".join(CLI_TEXTS) + "\n\n  \n")

@@ -59,8 +59,9 @@ config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=6
 model = hf_gpam.patch_model(GPT2LMHeadModel(config).eval(), gpam_lambda_init=0.25)
 with torch.no_grad():
     logits = model(torch.arange(8)[None]).logits
-# every sub-command module is imported to build the parser; none may need an extra
-hf_gpam.cli.build_parser()
+# every sub-command's parser (which imports its module); none may need an extra
+for command in hf_gpam.cli.COMMANDS:
+    hf_gpam.cli.command_parser(command)
 heavy = sys.argv[1].split(",")
 print(json.dumps({
     "class": type(model).__name__,
@@ -185,7 +186,7 @@ def test_import_and_patch_model_import_no_optional_dependency(tmp_path):
 
 
 def test_plotting_says_how_to_install_matplotlib_when_it_is_missing(monkeypatch, tmp_path):
-    import hf_gpam.plotting as plotting
+    import hf_gpam.analysis.plotting as plotting
 
     plotting._pyplot.cache_clear()
     # None in sys.modules makes `import matplotlib` raise ImportError, as in an environment without it
@@ -267,16 +268,16 @@ def test_the_vllm_plugin_is_declared_and_imports_without_vllm(pyproject, tmp_pat
     # vLLM loads every `vllm.general_plugins` entry point in each of its processes; this editable install declares it
     from importlib.metadata import entry_points
 
-    assert pyproject["project"]["entry-points"]["vllm.general_plugins"] == {"hf_gpam": "hf_gpam.vllm_plugin:register"}
+    assert pyproject["project"]["entry-points"]["vllm.general_plugins"] == {"hf_gpam": "hf_gpam.serving.vllm_plugin:register"}
     (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "hf_gpam"]
-    assert plugin.value == "hf_gpam.vllm_plugin:register"
-    # resolving the entry point imports no vLLM module (hf_gpam.vllm_models, which does, is imported by vLLM itself
+    assert plugin.value == "hf_gpam.serving.vllm_plugin:register"
+    # resolving the entry point imports no vLLM module (hf_gpam.serving.vllm_models, which does, is imported by vLLM itself
     # when it builds a GPAM model)
     script = (
         "import sys\nfrom importlib.metadata import entry_points\n"
         "(ep,) = [e for e in entry_points(group='vllm.general_plugins') if e.name == 'hf_gpam']\n"
         "register = ep.load()\n"
-        "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith(('vllm.', 'hf_gpam.vllm_models'))))\n"
+        "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith(('vllm.', 'hf_gpam.serving.vllm_models'))))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -284,7 +285,7 @@ def test_the_vllm_plugin_is_declared_and_imports_without_vllm(pyproject, tmp_pat
 
 
 def test_the_vllm_plugin_refuses_older_vllm_and_warns_for_newer():
-    from hf_gpam.vllm_plugin import VLLM_MIN, VLLM_VERIFIED_BELOW, check_vllm_version
+    from hf_gpam.serving.vllm_plugin import VLLM_MIN, VLLM_VERIFIED_BELOW, check_vllm_version
 
     check_vllm_version(VLLM_MIN)
     with pytest.raises(RuntimeError, match=rf"needs vllm>={VLLM_MIN}.*vllm 0\.31\.0 is installed"):

@@ -578,7 +578,7 @@ class DoubledQueryHeads:
 def double_query_heads(query: torch.Tensor, query_neg: torch.Tensor, kv_heads: int, head_axis: int = 1) -> torch.Tensor:
     """The dual-attention layout: Q⁺ and Q⁻ (H heads each along ``head_axis``) -> 2H heads, [Q⁺_g; Q⁻_g] for each of
     the ``kv_heads`` K/V heads g, so that every K/V head serves its n = H / H_kv positive and its n negative heads as
-    one grouped-query group of 2n. (B, H, T, D) here; vLLM's (T, H, D) with ``head_axis=1`` too (hf_gpam.vllm_models).
+    one grouped-query group of 2n. (B, H, T, D) here; vLLM's (T, H, D) with ``head_axis=1`` too (hf_gpam.serving.vllm_models).
     """
     pair = (query.unflatten(head_axis, (kv_heads, -1)), query_neg.unflatten(head_axis, (kv_heads, -1)))
     return torch.stack(pair, dim=head_axis + 1).flatten(head_axis, head_axis + 2)

@@ -2,7 +2,7 @@
 
     hf-gpam diagnose ./softmax_run ./dagpam_run --text "The quick brown fox." --output_dir diag/
 
-writes ``diag/diagnostics.json`` (per model, per layer, every metric of ``hf_gpam.diagnostics``), the per-layer
+writes ``diag/diagnostics.json`` (per model, per layer, every metric of ``hf_gpam.analysis.diagnostics``), the per-layer
 curves of all models on one figure per stack (``layers_decoder.png``, ``layers_encoder.png`` for BART/Marian) and
 the signed attention maps of one layer and head per model (``attention_<model>.png``), and prints a short table.
 
@@ -21,9 +21,9 @@ import statistics
 import torch
 from safetensors import SafetensorError
 
-from .cli import check_model_source, unreadable_weights
-from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types
-from .diagnostics import attention_components, diagnose_model, max_positions, model_family
+from . import check_model_source, unreadable_weights
+from ..architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types
+from ..analysis.diagnostics import attention_components, diagnose_model, max_positions, model_family
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +147,7 @@ def _summary_row(label: str, result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .plotting import plot_layer_curves, plot_signed_attention
+    from ..analysis.plotting import plot_layer_curves, plot_signed_attention
 
     texts = read_texts(args)
     labels = _unique_labels(args.models)

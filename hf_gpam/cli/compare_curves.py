@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from .plotting import plot_training_curves, read_trainer_log
+from ..analysis.plotting import plot_training_curves, read_trainer_log
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""hf_gpam's vLLM plugin: serves daGPAM checkpoints with vLLM's own models (``hf_gpam.vllm_models``).
+"""hf_gpam's vLLM plugin: serves daGPAM checkpoints with vLLM's own models (``hf_gpam.serving.vllm_models``).
 
 vLLM calls ``register`` in every process it starts, through the ``vllm.general_plugins`` entry point that installing
 hf_gpam declares (``pip install "hf_gpam[vllm]"``). It registers the GPAM configs with ``AutoConfig`` (so vLLM reads a
@@ -23,7 +23,7 @@ from __future__ import annotations
 VLLM_MIN = "0.32.0"
 VLLM_VERIFIED_BELOW = "0.33.0"
 
-# the GPAM architectures served natively, each a class of hf_gpam.vllm_models converting vLLM's model of that name
+# the GPAM architectures served natively, each a class of hf_gpam.serving.vllm_models converting vLLM's model of that name
 # without the "Gpam" prefix
 VLLM_ARCHITECTURES = ("GpamLlamaForCausalLM", "GpamMistralForCausalLM", "GpamQwen2ForCausalLM", "GpamQwen3ForCausalLM")
 
@@ -55,12 +55,12 @@ def register() -> None:
 
     check_vllm_version(vllm.__version__)
     # importing hf_gpam registers the GPAM configs and models with the Auto classes
-    from .serve_cli import bind_gpam_classes_to_transformers
+    from .transformers_binding import bind_gpam_classes_to_transformers
 
     supported = set(ModelRegistry.get_supported_archs())
     for architecture in VLLM_ARCHITECTURES:
         if architecture not in supported:
-            ModelRegistry.register_model(architecture, f"hf_gpam.vllm_models:{architecture}")
+            ModelRegistry.register_model(architecture, f"hf_gpam.serving.vllm_models:{architecture}")
     # vLLM's Transformers backend looks a model class up as getattr(transformers, architecture) before it reads the
     # checkpoint's remote code (which needs trust_remote_code): with the GPAM classes bound there, in vLLM's
     # processes only (as hf-gpam serve binds them in its own), model_impl="transformers" reaches

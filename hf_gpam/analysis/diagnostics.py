@@ -42,9 +42,9 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, QueryKeyWeights, architecture_of
-from .modeling.gpam_interface import negative_query, relative_position_embeddings
-from .modeling.gpam_ops import reference_gpam_attention
+from ..architectures import ARCHITECTURES, GPAM_MODEL_TYPES, QueryKeyWeights, architecture_of
+from ..modeling.gpam_interface import negative_query, relative_position_embeddings
+from ..modeling.gpam_ops import reference_gpam_attention
 
 
 # stock and GPAM model types diagnostics accept: every row of the architecture table
@@ -85,7 +85,7 @@ def rank_collapse_residual(hidden: torch.Tensor, mask: torch.Tensor | None = Non
 
     ```python
     >>> import torch
-    >>> from hf_gpam.diagnostics import rank_collapse_residual
+    >>> from hf_gpam.analysis.diagnostics import rank_collapse_residual
     >>> rank_collapse_residual(torch.ones(5, 3) * torch.tensor([1.0, 2.0, 3.0])).item()
     0.0
     ```
@@ -110,7 +110,7 @@ def l1_inf_norm(matrix: torch.Tensor, mask: torch.Tensor | None = None) -> torch
 
     ```python
     >>> import torch
-    >>> from hf_gpam.diagnostics import l1_inf_norm
+    >>> from hf_gpam.analysis.diagnostics import l1_inf_norm
     >>> round(l1_inf_norm(torch.tensor([[1.0, -2.0], [3.0, 0.0]])).item(), 4)  # sqrt(max(4, 2) * max(3, 3))
     3.4641
     ```
@@ -142,7 +142,7 @@ def rank_collapse_residual_l1inf(
 
     ```python
     >>> import torch
-    >>> from hf_gpam.diagnostics import rank_collapse_residual_l1inf
+    >>> from hf_gpam.analysis.diagnostics import rank_collapse_residual_l1inf
     >>> # one feature: f(x) = sqrt(Σ|X_i − x| · max|X_i − x|) is smallest at x = 1.5 (not the median 0, not
     >>> # the mean 1): sqrt(4.5 · 1.5) / ‖X‖_{1,∞} = sqrt(6.75) / 3
     >>> x = torch.tensor([[0.0], [0.0], [3.0]])
@@ -200,7 +200,7 @@ def mean_pairwise_cosine(hidden: torch.Tensor, mask: torch.Tensor | None = None)
 
     ```python
     >>> import torch
-    >>> from hf_gpam.diagnostics import mean_pairwise_cosine
+    >>> from hf_gpam.analysis.diagnostics import mean_pairwise_cosine
     >>> mean_pairwise_cosine(torch.eye(3)).item()  # orthogonal tokens
     0.0
     ```
@@ -239,7 +239,7 @@ def attention_entropy(probs: torch.Tensor, query_mask: torch.Tensor | None = Non
 
     ```python
     >>> import torch
-    >>> from hf_gpam.diagnostics import attention_entropy
+    >>> from hf_gpam.analysis.diagnostics import attention_entropy
     >>> attention_entropy(torch.full((1, 1, 4, 4), 0.25))  # uniform over 4 keys: log 4
     tensor([1.3863], dtype=torch.float64)
     ```
@@ -257,7 +257,7 @@ def negative_mass(probs: torch.Tensor, query_mask: torch.Tensor | None = None) -
 
     ```python
     >>> import torch
-    >>> from hf_gpam.diagnostics import negative_mass
+    >>> from hf_gpam.analysis.diagnostics import negative_mass
     >>> negative_mass(torch.tensor([[[[1.5, -0.5]]]]))  # 0.5 of a total absolute mass of 2
     tensor([0.2500], dtype=torch.float64)
     ```
@@ -327,7 +327,7 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
 
     ```python
     >>> from hf_gpam import GpamBartModel
-    >>> from hf_gpam.diagnostics import attention_sites
+    >>> from hf_gpam.analysis.diagnostics import attention_sites
     >>> from hf_gpam.testing_utils import tiny_gpam_config
     >>> [site.name for site in attention_sites(GpamBartModel(tiny_gpam_config("bart")))][:3]
     ['encoder.0.self', 'encoder.1.self', 'decoder.0.self']
@@ -593,7 +593,7 @@ def diagnose_model(
     ```python
     >>> import torch
     >>> from hf_gpam import GpamGPT2LMHeadModel
-    >>> from hf_gpam.diagnostics import diagnose_model
+    >>> from hf_gpam.analysis.diagnostics import diagnose_model
     >>> from hf_gpam.testing_utils import tiny_gpam_config
     >>> model = GpamGPT2LMHeadModel(tiny_gpam_config("gpt2"))
     >>> result = diagnose_model(model, torch.randint(3, 90, (2, 10)))
@@ -774,7 +774,7 @@ def attention_components(
     ```python
     >>> import torch
     >>> from hf_gpam import GpamGPT2Model
-    >>> from hf_gpam.diagnostics import attention_components
+    >>> from hf_gpam.analysis.diagnostics import attention_components
     >>> from hf_gpam.testing_utils import tiny_gpam_config
     >>> maps = attention_components(GpamGPT2Model(tiny_gpam_config("gpt2")), torch.randint(3, 90, (1, 6)), layer=1)
     >>> maps["p_gpam"].shape, bool(torch.allclose(maps["p_gpam"].sum(-1), torch.ones(1, 4, 6, dtype=torch.float64)))

@@ -31,11 +31,11 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from .architectures import ARCHITECTURES, supported_model_types
-from .cli import check_model_source, unreadable_weights
-from .hub import save_hub_ready
-from .modeling.gpam_config_fields import GpamConfigFields
-from .patching import is_gpam_model, patch_model
+from ..architectures import ARCHITECTURES, supported_model_types
+from . import check_model_source, unreadable_weights
+from ..hub import save_hub_ready
+from ..modeling.gpam_config_fields import GpamConfigFields
+from ..patching import is_gpam_model, patch_model
 
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def convert_checkpoint(
     ```python
     >>> import tempfile
     >>> from transformers import GPT2LMHeadModel
-    >>> from hf_gpam.convert import convert_checkpoint
+    >>> from hf_gpam.cli.convert import convert_checkpoint
     >>> from hf_gpam.testing_utils import tiny_stock_config
     >>> stock_dir, out_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
     >>> GPT2LMHeadModel(tiny_stock_config("gpt2")).save_pretrained(stock_dir)

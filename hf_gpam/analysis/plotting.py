@@ -43,7 +43,7 @@ def _pyplot():
         import matplotlib
     except ImportError as error:
         raise ImportError(
-            "hf_gpam.plotting draws its figures with matplotlib, which is not installed. Install it with "
+            "hf_gpam.analysis.plotting draws its figures with matplotlib, which is not installed. Install it with "
             '`pip install "hf_gpam[diagnostics]"` (or `pip install matplotlib`).'
         ) from error
     matplotlib.use("Agg")
@@ -53,7 +53,7 @@ def _pyplot():
 
 
 def __getattr__(name: str):
-    # `from hf_gpam.plotting import plt` (benchmarks/paper_study.py) keeps working without importing matplotlib
+    # `from hf_gpam.analysis.plotting import plt` (benchmarks/paper_study.py) keeps working without importing matplotlib
     # for everyone who imports this module
     if name == "plt":
         return _pyplot()
@@ -103,8 +103,8 @@ def plot_layer_curves(
     ```python
     >>> import torch
     >>> from hf_gpam import GpamGPT2LMHeadModel
-    >>> from hf_gpam.diagnostics import diagnose_model
-    >>> from hf_gpam.plotting import plot_layer_curves
+    >>> from hf_gpam.analysis.diagnostics import diagnose_model
+    >>> from hf_gpam.analysis.plotting import plot_layer_curves
     >>> from hf_gpam.testing_utils import tiny_gpam_config
     >>> result = diagnose_model(GpamGPT2LMHeadModel(tiny_gpam_config("gpt2")), torch.randint(3, 90, (2, 8)))
     >>> plot_layer_curves({"daGPAM": result}, "/tmp/curves.png")
@@ -160,7 +160,7 @@ def plot_signed_attention(
 ) -> str:
     """P⁺, P⁻ and P_G of one head side by side with a diverging colormap centred at 0 (``TwoSlopeNorm``).
 
-    ``components`` is what ``hf_gpam.diagnostics.attention_components`` returns. For a softmax module (no P⁻) only
+    ``components`` is what ``hf_gpam.analysis.diagnostics.attention_components`` returns. For a softmax module (no P⁻) only
     its map is drawn. Padding queries and keys of the chosen sequence are cut off.
 
     Returns:
@@ -171,8 +171,8 @@ def plot_signed_attention(
     ```python
     >>> import torch
     >>> from hf_gpam import GpamGPT2Model
-    >>> from hf_gpam.diagnostics import attention_components
-    >>> from hf_gpam.plotting import plot_signed_attention
+    >>> from hf_gpam.analysis.diagnostics import attention_components
+    >>> from hf_gpam.analysis.plotting import plot_signed_attention
     >>> from hf_gpam.testing_utils import tiny_gpam_config
     >>> maps = attention_components(GpamGPT2Model(tiny_gpam_config("gpt2")), torch.randint(3, 90, (1, 6)))
     >>> plot_signed_attention(maps, "/tmp/maps.png", head=1)
@@ -265,7 +265,7 @@ def plot_training_curves(
     Example:
 
     ```python
-    >>> from hf_gpam.plotting import plot_training_curves
+    >>> from hf_gpam.analysis.plotting import plot_training_curves
     >>> log = [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.5, "eval_loss": 2.7}]
     >>> plot_training_curves({"run": log}, "/tmp/train.png", metrics=("loss",))
     '/tmp/train.png'

@@ -16,8 +16,8 @@ import tempfile
 import torch
 from transformers import GPT2LMHeadModel
 
-from . import GpamGPT2LMHeadModel, patch_model
-from .testing_utils import HIDE_HF_GPAM_PRELUDE, tiny_gpam_config, tiny_stock_config
+from .. import GpamGPT2LMHeadModel, patch_model
+from ..testing_utils import HIDE_HF_GPAM_PRELUDE, tiny_gpam_config, tiny_stock_config
 
 
 # hf_gpam is installed in this environment, so the reload process hides it: the checkpoint must stand on its own

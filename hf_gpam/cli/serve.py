@@ -23,24 +23,7 @@ import argparse
 import os
 import sys
 
-import transformers
-
-from .architectures import ARCHITECTURES
-
-
-# set by `hf-gpam serve`, inherited by the processes it starts (see hf_gpam.cli)
-SERVE_BINDING_ENV = "HF_GPAM_SERVE_BINDING"
-
-
-def bind_gpam_classes_to_transformers() -> list[str]:
-    """Make ``getattr(transformers, "GpamLlamaForCausalLM")`` (and every other GPAM model class) resolve, in this
-    process; return the names bound. Used by ``hf-gpam serve`` only: importing hf_gpam never does it."""
-    names = []
-    for architecture in ARCHITECTURES.values():
-        for gpam_class in architecture.model_classes.values():
-            setattr(transformers, gpam_class.__name__, gpam_class)
-            names.append(gpam_class.__name__)
-    return names
+from ..serving.transformers_binding import SERVE_BINDING_ENV, bind_gpam_classes_to_transformers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """daGPAM models for vLLM: vLLM's own Llama, Mistral, Qwen2 and Qwen3 with the dual-attention layout.
 
-Imported by vLLM (through ``hf_gpam.vllm_plugin``, which registers these classes under the architectures a GPAM
+Imported by vLLM (through ``hf_gpam.serving.vllm_plugin``, which registers these classes under the architectures a GPAM
 checkpoint names, ``GpamLlamaForCausalLM`` ...), never by ``import hf_gpam``: this module imports vLLM.
 
 Each class is the stock vLLM model, built as usual, with every daGPAM layer's attention module converted in place
@@ -36,8 +36,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.v1.attention.backend import AttentionType
 
-from .modeling.gpam_attention import GpamLambda
-from .modeling.gpam_interface import combine_doubled_heads, double_query_heads
+from ..modeling.gpam_attention import GpamLambda
+from ..modeling.gpam_interface import combine_doubled_heads, double_query_heads
 
 
 def _not_a_module(owner: nn.Module, name: str, module: nn.Module) -> None:
