@@ -6,7 +6,8 @@
 
 For a Llama-shaped daGPAM model (GQA 32/8 heads of 128, random weights, λ ≠ 0 and a random W⁻) each backend is
 checked for
-  1. equality: logits of a padded batch against the eager daGPAM model in float32 (relative error, bf16 tolerance);
+  1. equality: logits of a padded batch against the eager daGPAM model in float32 (relative error, bf16 tolerance),
+     and the backend name the stock function reads through the dual-attention wrapper is the stock one;
   2. a training step: loss.backward() runs, and λ, W⁻, W_Q get finite, non-zero gradients;
   3. decode speed: greedy decoding with the KV cache, daGPAM against the stock model on the same backend, interleaved
      repetitions, median ratio.
@@ -74,6 +75,33 @@ def load_on(model, backend: str):
     return None
 
 
+def names_seen_by_the_stock_function(model, backend: str, ids, mask) -> list[str] | None:
+    """The backend names the stock attention function of ``backend`` read off the modules it was handed in one forward.
+
+    Through the dual-attention wrapper it must read the stock name: flash attention and Hub kernels load their kernel
+    by that name (``lazy_import_flash_attention``), and a daGPAM name there fails to load. None for a backend with no
+    registered stock function; empty where daGPAM never calls it (eager and sdpa have daGPAM functions of their own).
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
+    if backend not in mapping:
+        return None
+    stock_function, seen = mapping[backend], set()
+
+    def recording(module, *args, **kwargs):
+        seen.add(module.config._attn_implementation)
+        return stock_function(module, *args, **kwargs)
+
+    mapping[backend] = recording
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        mapping[backend] = stock_function
+    return sorted(seen)
+
+
 def check_backend(backend, stock, gpam, reference, args, device, dtype) -> dict:
     row = {"backend": backend}
     for model in (stock, gpam):
@@ -87,6 +115,7 @@ def check_backend(backend, stock, gpam, reference, args, device, dtype) -> dict:
     error = ((logits - reference)[valid].norm() / reference[valid].norm()).item()
     row["relative_error"] = error
     row["equal"] = error <= TOLERANCE[dtype]
+    row["stock_names"] = names_seen_by_the_stock_function(gpam, backend, ids, mask)
     # a training step through the backend
     gpam.train()
     try:
@@ -119,7 +148,8 @@ def check_backend(backend, stock, gpam, reference, args, device, dtype) -> dict:
     row["decode_ms_stock"] = 1e3 * statistics.median(times["stock"])
     row["decode_ms_gpam"] = 1e3 * statistics.median(times["gpam"])
     row["decode_ratio"] = statistics.median(g / s for g, s in zip(times["gpam"], times["stock"]))
-    row["status"] = "ok" if row["equal"] and row["train_step"] is True else "FAILED"
+    stock_name_ok = row["stock_names"] is None or set(row["stock_names"]) <= {backend}
+    row["status"] = "ok" if row["equal"] and row["train_step"] is True and stock_name_ok else "FAILED"
     return row
 
 

@@ -1,10 +1,12 @@
-"""hf_gpam: daGPAM attention (Heo & Choi, 2024) for GPT-2, BART, Marian and the Llama, Mistral, Qwen2/3, Gemma2/3,
-Phi-3, GPT-NeoX, OPT and OLMo2 decoders in HuggingFace Transformers.
+"""hf_gpam: daGPAM attention (Heo & Choi, 2024) for HuggingFace Transformers, on the families of
+``hf_gpam.ARCHITECTURES`` (``hf-gpam`` lists them; README, "Supported models").
 
-Importing the package registers the GPAM configs and models with ``AutoConfig``, ``AutoModel``,
-``AutoModelForCausalLM``, ``AutoModelForSeq2SeqLM`` and ``AutoModelForSequenceClassification``, and the daGPAM
-attention functions (``gpam_eager``, ``gpam_sdpa``, ``gpam_<backend>`` for the other backends) with transformers'
-``AttentionInterface``; nothing else global happens.
+Importing the package registers the GPAM configs with ``AutoConfig`` and the GPAM models with ``AutoModel``,
+``AutoModelForCausalLM``, ``AutoModelForSeq2SeqLM`` and ``AutoModelForSequenceClassification``; nothing else global
+happens. It imports transformers' configuration code only: the model classes (``GpamLlamaForCausalLM``, ...),
+``patch_model`` and ``is_gpam_model`` are imported on first access, and so is transformers' modeling code, which
+pulls in the quantization libraries. The daGPAM attention functions (``gpam_eager``, ``gpam_sdpa``,
+``gpam_<backend>``) are registered with transformers' ``AttentionInterface`` when a model class is first imported.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from transformers import AutoConfig
 
 
-__version__ = "0.1.0"
+__version__ = "0.4.0"
 
 # Modules of releases 0.1-0.3 that now live in a sub-package (cli/, serving/, analysis/), by their old names. The
 # package's folder listing shows its architecture; code written against the old names keeps importing.
@@ -65,35 +67,51 @@ from .modeling.gpam_version import (  # noqa: E402
 # import with a warning)
 TRANSFORMERS_MAX_EXCLUSIVE = TRANSFORMERS_VERIFIED_BELOW
 
-from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, GpamArchitecture  # noqa: E402
-from .modeling import (  # noqa: E402
-    GpamBartConfig,
-    GpamBartForConditionalGeneration,
-    GpamBartModel,
-    GpamGPT2Config,
-    GpamGPT2LMHeadModel,
-    GpamGPT2Model,
-    GpamMarianConfig,
-    GpamMarianModel,
-    GpamMarianMTModel,
-)
-from .modeling import configuration_gpam_decoders, modeling_gpam_decoders  # noqa: E402
+from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, GpamArchitecture, register_auto_classes  # noqa: E402
+from .modeling import GpamBartConfig, GpamGPT2Config, GpamMarianConfig  # noqa: E402
+from .modeling import configuration_gpam_decoders  # noqa: E402
+from .modeling.configuration_gpam_decoders import DECODER_FAMILIES, gpam_class_name  # noqa: E402
 
-# the generated decoder classes (GpamLlamaConfig, GpamLlamaModel, GpamLlamaForCausalLM, ...), one set per family
+# the generated decoder configs (GpamLlamaConfig, ...), one per family
 from .modeling.configuration_gpam_decoders import *  # noqa: E402, F403
-from .modeling.modeling_gpam_decoders import *  # noqa: E402, F403
-from .patching import is_gpam_model, patch_model  # noqa: E402
 from .training import gpam_decay_parameter_names, gpam_optimizer_groups  # noqa: E402
 
 
-def _register_auto_classes() -> None:
+register_auto_classes()
+
+# public name -> the module that defines it, imported on first access (PEP 562): these modules import transformers'
+# modeling code, which costs seconds and imports the quantization libraries
+_LAZY_NAMES = {
+    "patch_model": "hf_gpam.patching",
+    "is_gpam_model": "hf_gpam.patching",
+    **dict.fromkeys(
+        ("GpamBartForConditionalGeneration", "GpamBartModel", "GpamGPT2LMHeadModel", "GpamGPT2Model",
+         "GpamMarianModel", "GpamMarianMTModel"),
+        "hf_gpam.modeling",
+    ),
+    # the generated decoder classes (GpamLlamaModel, GpamLlamaForCausalLM, ...), one set per family
+    **dict.fromkeys(
+        (gpam_class_name(name) for row in DECODER_FAMILIES.values() for name in row.model_classes), "hf_gpam.modeling"
+    ),
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
     for architecture in ARCHITECTURES.values():
-        AutoConfig.register(architecture.gpam_model_type, architecture.config_class, exist_ok=True)
-        for auto_class, model_class in architecture.auto_classes.items():
-            auto_class.register(architecture.config_class, model_class, exist_ok=True)
+        if name in architecture.model_class_names.values():
+            # the row imports its classes and hands them to the Auto classes in place of their stand-ins
+            architecture.model_classes  # noqa: B018
+    globals()[name] = value
+    return value
 
 
-_register_auto_classes()
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_NAMES))
+
 
 __all__ = [
     "ARCHITECTURES",
@@ -117,5 +135,5 @@ __all__ = [
     "TRANSFORMERS_MAX_EXCLUSIVE",
     "TRANSFORMERS_VERIFIED_BELOW",
     *(name for name in configuration_gpam_decoders.__all__ if name.startswith("Gpam")),
-    *(name for name in modeling_gpam_decoders.__all__ if name.startswith("Gpam") and name != "GpamDecoderModelMixin"),
+    *(gpam_class_name(name) for row in DECODER_FAMILIES.values() for name in row.model_classes),
 ]

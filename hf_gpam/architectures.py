@@ -2,46 +2,27 @@
 config and model classes stand for which stock ones. Registration, ``patch_model`` and the tests all read it.
 
 GPT-2, BART and Marian have hand-written classes; the decoder-only families get one row each from the classes
-``modeling_gpam_decoders`` generates out of its own table (``DECODER_FAMILIES``)."""
+``modeling_gpam_decoders`` generates out of its own table (``DECODER_FAMILIES``).
+
+Rows name their model classes and import them on first use (``model_classes``, ``auto_classes``): importing this
+table, and so ``hf_gpam``, imports the config classes only, not transformers' modeling code (``modeling_utils``, and
+through its quantizers torchao). ``register_auto_classes`` registers the model classes with the Auto classes by
+name, as ``LazyGpamModelClass`` stand-ins that import the real class the first time an Auto class uses one."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
+import transformers
 from torch import nn
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    BartForConditionalGeneration,
-    BartModel,
-    GPT2LMHeadModel,
-    GPT2Model,
-    MarianModel,
-    MarianMTModel,
-)
 
-from .modeling.configuration_gpam_decoders import DECODER_FAMILIES, gpam_config_class, make_gpam_config_class
-from .modeling.modeling_gpam_decoders import (
-    auto_class_name,
-    gpam_model_classes,
-    make_gpam_attention_class,
-    make_gpam_model_class,
-)
-from .modeling import (
-    GpamBartConfig,
-    GpamBartForConditionalGeneration,
-    GpamBartModel,
-    GpamGPT2Config,
-    GpamGPT2LMHeadModel,
-    GpamGPT2Model,
-    GpamMarianConfig,
-    GpamMarianModel,
-    GpamMarianMTModel,
-)
+from .modeling import GpamBartConfig, GpamGPT2Config, GpamMarianConfig
+from .modeling.configuration_gpam_decoders import DECODER_FAMILIES, auto_class_name, gpam_class_name, gpam_config_class
 
 
 @dataclass(frozen=True)
@@ -74,8 +55,9 @@ class GpamArchitecture:
     Attributes:
         model_type: the stock transformers ``model_type`` ("gpt2").
         config_class: the GPAM config class; its ``model_type`` is the GPAM one ("gpam_gpt2").
-        model_classes: stock model class -> GPAM model class, for every class ``patch_model`` converts.
-        auto_classes: Auto class -> GPAM model class, registered when ``hf_gpam`` is imported.
+        model_class_names: stock model class name -> GPAM model class name, for every class ``patch_model``
+            converts; the base model first.
+        modeling_module: the module defining the GPAM model classes (as attributes of those names).
         task: ``"causal-lm"`` or ``"seq2seq-lm"``: the head the recipes train and ``hf-gpam diagnose`` loads.
         lora_targets: the recipes' default LoRA targets besides ``gpam_q_neg`` (PEFT module-name suffixes): the
             query / value projections of the decoder families, every projection of GPT-2, BART and Marian.
@@ -87,12 +69,17 @@ class GpamArchitecture:
         attention_modules: attention kind ("self", "cross") -> the block attribute holding that module (a block
             without it has no attention of that kind, e.g. BART's encoder blocks have no cross-attention).
         query_key_weights: attention kind -> where its W_Q and W_K are (``QueryKeyWeights``).
+        auto_class_names: Auto class name ("AutoModelForCausalLM") -> the GPAM model class registered with it when
+            ``hf_gpam`` is imported; by default each class of ``model_class_names`` with the Auto class its stock
+            name implies (``auto_class_name``).
+        load_model_classes: returns ``model_classes``; by default the classes are looked up by name in
+            ``modeling_module``.
     """
 
     model_type: str
     config_class: type
-    model_classes: dict[type, type]
-    auto_classes: dict[type, type]
+    model_class_names: dict[str, str]
+    modeling_module: str = "hf_gpam.modeling.modeling_gpam_decoders"
     task: str = "causal-lm"
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     scratch_tokenizer: str = "byte_level_bpe_gpt2"
@@ -100,6 +87,8 @@ class GpamArchitecture:
     block_stacks: dict[str, str] = field(default_factory=lambda: {"decoder": "layers"})
     attention_modules: dict[str, str] = field(default_factory=lambda: {"self": "self_attn"})
     query_key_weights: dict[str, QueryKeyWeights] = field(default_factory=lambda: {"self": QueryKeyWeights()})
+    auto_class_names: dict[str, str] | None = None
+    load_model_classes: Callable[[], dict[type, type]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def gpam_model_type(self) -> str:
@@ -109,6 +98,102 @@ class GpamArchitecture:
     def display_name(self) -> str:
         """The family's name as its stock config class spells it: "GPT2", "Llama", "GPTNeoX", "Gemma3Text"."""
         return self.config_class.__name__.removeprefix("Gpam").removesuffix("Config")
+
+    @property
+    def gpam_auto_class_names(self) -> dict[str, str]:
+        """Auto class name -> GPAM model class name (``auto_class_names``, or what the stock names imply)."""
+        if self.auto_class_names is not None:
+            return dict(self.auto_class_names)
+        return {auto_class_name(stock): gpam for stock, gpam in self.model_class_names.items()}
+
+    @cached_property
+    def model_classes(self) -> dict[type, type]:
+        """Stock model class -> GPAM model class (imports transformers' modeling code on first use)."""
+        if self.load_model_classes is not None:
+            return dict(self.load_model_classes())
+        module = importlib.import_module(self.modeling_module)
+        classes = {}
+        for stock_name, gpam_name in self.model_class_names.items():
+            gpam_class = getattr(module, gpam_name)
+            # the stock class is the GPAM class's parent of that name (no second lookup that could disagree)
+            stock_class = next(base for base in gpam_class.__mro__ if base.__name__ == stock_name)
+            classes[stock_class] = gpam_class
+        if self.model_type in _REGISTERED_MODEL_TYPES:
+            # the Auto classes get the real classes in place of their stand-ins (LazyGpamModelClass)
+            for auto_class, model_class in self._auto_classes_of(classes).items():
+                auto_class.register(self.config_class, model_class, exist_ok=True)
+        return classes
+
+    @cached_property
+    def auto_classes(self) -> dict[type, type]:
+        """Auto class -> GPAM model class, as registered when ``hf_gpam`` is imported."""
+        return self._auto_classes_of(self.model_classes)
+
+    def _auto_classes_of(self, model_classes: dict[type, type]) -> dict[type, type]:
+        by_name = {gpam.__name__: gpam for gpam in model_classes.values()}
+        return {getattr(transformers, auto): by_name[gpam] for auto, gpam in self.gpam_auto_class_names.items()}
+
+
+# the rows register_auto_classes has registered (their model classes, once imported, replace the stand-ins)
+_REGISTERED_MODEL_TYPES: set[str] = set()
+
+
+class LazyGpamModelClass:
+    """What the Auto classes hold for a GPAM model class until one of them uses it: the class's name, module and
+    config class, and every other attribute looked up on the real class, imported on first use.
+
+    transformers' Auto mappings return a registered value as it is (``AutoModelForCausalLM.from_config`` calls
+    ``value._from_config(config)``), read its ``__module__`` to tell local classes from its own, and its
+    ``config_class`` when registering; those three are answered without an import. Once imported, the real class
+    replaces this stand-in in every Auto mapping of its row.
+    """
+
+    def __init__(self, architecture: GpamArchitecture, name: str):
+        self.__dict__.update(
+            gpam_architecture=architecture, __name__=name, __qualname__=name,
+            __module__=architecture.modeling_module, config_class=architecture.config_class,
+        )
+
+    def resolve(self) -> type:
+        # importing the row's classes also puts them in the Auto mappings in place of the stand-ins
+        classes = self.gpam_architecture.model_classes.values()
+        return next(cls for cls in classes if cls.__name__ == self.__name__)
+
+    def __getattr__(self, name: str):
+        # dunder probes (copy, pickle) and a half-built stand-in must not import anything
+        if name.startswith("__") or name == "gpam_architecture":
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
+
+    def __call__(self, *args, **kwargs):
+        return self.resolve()(*args, **kwargs)
+
+    def __eq__(self, other) -> bool:
+        return other is self or (isinstance(other, type) and other is self.resolve())
+
+    def __hash__(self) -> int:
+        return hash((self.__module__, self.__name__))
+
+    def __repr__(self) -> str:
+        return f"<class '{self.__module__}.{self.__name__}' (not imported yet)>"
+
+
+def register_auto_classes() -> None:
+    """Register every row's config with ``AutoConfig`` and its model classes with their Auto classes.
+
+    The model classes are registered as ``LazyGpamModelClass`` stand-ins, unless already imported, so that
+    ``import hf_gpam`` does not import transformers' modeling code.
+    """
+    for architecture in ARCHITECTURES.values():
+        transformers.AutoConfig.register(architecture.gpam_model_type, architecture.config_class, exist_ok=True)
+        _REGISTERED_MODEL_TYPES.add(architecture.model_type)
+        loaded = "model_classes" in vars(architecture)
+        for auto_name, gpam_name in architecture.gpam_auto_class_names.items():
+            auto_class = getattr(transformers, auto_name)
+            value = (
+                architecture.auto_classes[auto_class] if loaded else LazyGpamModelClass(architecture, gpam_name)
+            )
+            auto_class.register(architecture.config_class, value, exist_ok=True)
 
 
 # BART and Marian: what seq2seq-lm rows share (the tokenizer and start tokens differ)
@@ -127,8 +212,9 @@ ARCHITECTURES: dict[str, GpamArchitecture] = {
     "gpt2": GpamArchitecture(
         model_type="gpt2",
         config_class=GpamGPT2Config,
-        model_classes={GPT2Model: GpamGPT2Model, GPT2LMHeadModel: GpamGPT2LMHeadModel},
-        auto_classes={AutoModel: GpamGPT2Model, AutoModelForCausalLM: GpamGPT2LMHeadModel},
+        model_class_names={"GPT2Model": "GpamGPT2Model", "GPT2LMHeadModel": "GpamGPT2LMHeadModel"},
+        modeling_module="hf_gpam.modeling.modeling_gpam_gpt2",
+        auto_class_names={"AutoModel": "GpamGPT2Model", "AutoModelForCausalLM": "GpamGPT2LMHeadModel"},
         lora_targets=("c_attn", "c_proj", "c_fc"),
         block_stacks={"decoder": "h"},
         attention_modules={"self": "attn", "cross": "crossattention"},
@@ -141,8 +227,11 @@ ARCHITECTURES: dict[str, GpamArchitecture] = {
     "bart": GpamArchitecture(
         model_type="bart",
         config_class=GpamBartConfig,
-        model_classes={BartModel: GpamBartModel, BartForConditionalGeneration: GpamBartForConditionalGeneration},
-        auto_classes={AutoModel: GpamBartModel, AutoModelForSeq2SeqLM: GpamBartForConditionalGeneration},
+        model_class_names={
+            "BartModel": "GpamBartModel", "BartForConditionalGeneration": "GpamBartForConditionalGeneration"
+        },
+        modeling_module="hf_gpam.modeling.modeling_gpam_bart",
+        auto_class_names={"AutoModel": "GpamBartModel", "AutoModelForSeq2SeqLM": "GpamBartForConditionalGeneration"},
         scratch_tokenizer="byte_level_bpe_bart",
         # BART starts decoding from </s>
         scratch_token_ids={**_SEQ2SEQ_TOKEN_IDS, "bos_token_id": "bos_token_id", "decoder_start_token_id": "eos_token_id"},
@@ -151,21 +240,15 @@ ARCHITECTURES: dict[str, GpamArchitecture] = {
     "marian": GpamArchitecture(
         model_type="marian",
         config_class=GpamMarianConfig,
-        model_classes={MarianModel: GpamMarianModel, MarianMTModel: GpamMarianMTModel},
-        auto_classes={AutoModel: GpamMarianModel, AutoModelForSeq2SeqLM: GpamMarianMTModel},
+        model_class_names={"MarianModel": "GpamMarianModel", "MarianMTModel": "GpamMarianMTModel"},
+        modeling_module="hf_gpam.modeling.modeling_gpam_marian",
+        auto_class_names={"AutoModel": "GpamMarianModel", "AutoModelForSeq2SeqLM": "GpamMarianMTModel"},
         scratch_tokenizer="sentencepiece_marian",
         # Marian starts decoding from the pad token
         scratch_token_ids={**_SEQ2SEQ_TOKEN_IDS, "bos_token_id": "pad_token_id", "decoder_start_token_id": "pad_token_id"},
         **_SEQ2SEQ_LAYOUT,
     ),
 }
-
-_AUTO_CLASSES = {
-    "AutoModel": AutoModel,
-    "AutoModelForCausalLM": AutoModelForCausalLM,
-    "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
-}
-
 
 # where a decoder family differs from the Llama layout (blocks in base_model.layers, self_attn with q_proj / k_proj /
 # v_proj): fused query-key-value projections and other attribute names
@@ -188,13 +271,13 @@ _DECODER_LAYOUTS = {
 
 
 def _decoder_architecture(model_type: str) -> GpamArchitecture:
-    # the package builds every family (a checkpoint's shipped code builds its own only)
-    model_classes = gpam_model_classes(model_type)
+    # the classes modeling_gpam_decoders builds for the family on first access (a checkpoint's shipped code builds
+    # its own family only)
+    family = DECODER_FAMILIES[model_type]
     return GpamArchitecture(
         model_type=model_type,
         config_class=gpam_config_class(model_type),
-        model_classes=dict(model_classes),
-        auto_classes={_AUTO_CLASSES[auto_class_name(stock.__name__)]: gpam for stock, gpam in model_classes.items()},
+        model_class_names={stock: gpam_class_name(stock) for stock in family.model_classes},
         **_DECODER_LAYOUTS.get(model_type, {}),
     )
 
@@ -297,6 +380,9 @@ def untested_architecture(model: nn.Module) -> GpamArchitecture:
             f"patch_model(allow_untested=True): {stock_attention.__name__} stores its head dimension under none of "
             f"{', '.join(HEAD_DIM_NAMES)}; daGPAM needs it to size W⁻."
         )
+    from .modeling.configuration_gpam_decoders import make_gpam_config_class
+    from .modeling.modeling_gpam_decoders import make_gpam_attention_class, make_gpam_model_class
+
     # module_name: these classes live in this cache only; they are never saved as remote code
     config_class = make_gpam_config_class(type(config), model_type, module_name=__name__)
     attention_class = make_gpam_attention_class(stock_attention, head_dim_attribute, module_name=__name__)
@@ -305,7 +391,12 @@ def untested_architecture(model: nn.Module) -> GpamArchitecture:
         model_class, config_class, attention_class, stock_attention, softcap_attribute, module_name=__name__
     )
     architecture = GpamArchitecture(
-        model_type=model_type, config_class=config_class, model_classes={model_class: gpam_class}, auto_classes={}
+        model_type=model_type,
+        config_class=config_class,
+        model_class_names={model_class.__name__: gpam_class.__name__},
+        modeling_module=__name__,
+        auto_class_names={},
+        load_model_classes=lambda: {model_class: gpam_class},
     )
     _UNTESTED_ARCHITECTURES[model_class] = architecture
     return architecture

@@ -9,18 +9,18 @@ from torch import nn
 
 from .architectures import ARCHITECTURES, GPAM_MODEL_TYPES, supported_model_types, untested_architecture
 from .modeling.gpam_attention import GpamAttentionMixin, hand_on_rotary_embeddings, model_config_of
+from .modeling.gpam_rope import attach_rotation_coefficients
 from .modeling.gpam_config_fields import GpamConfigFields
+from .modeling.gpam_gguf import drop_gguf_tag, gpam_config_of_stock, is_gguf_tagged
 from .modeling.gpam_modeling_utils import (
     QUANTIZATION_SKIP_FIELDS,
     GpamModelMixin,
     quantization_method,
-    register_output_capture,
+    become_gpam_model,
 )
 
 
 GPAM_OPTION_NAMES = tuple(f.name for f in fields(GpamConfigFields))
-# stock config keys that describe the old class, not the model
-_CONFIG_KEYS_NOT_CARRIED = ("model_type", "transformers_version", "architectures", "auto_map")
 
 
 def gpam_config_from_stock(config, config_class: type | None = None, **gpam_options):
@@ -45,8 +45,7 @@ def gpam_config_from_stock(config, config_class: type | None = None, **gpam_opti
                 f"model_type {getattr(config, 'model_type', None)!r} is not supported (supported: {supported_model_types()})"
             )
         config_class = architecture.config_class
-    stock_fields = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_KEYS_NOT_CARRIED}
-    return config_class(**{**stock_fields, **gpam_options})
+    return gpam_config_of_stock(config_class, config, **gpam_options)
 
 
 def is_gpam_model(model: nn.Module) -> bool:
@@ -63,7 +62,8 @@ def check_weights_are_materialised(model: nn.Module) -> None:
     the meta device (an empty-weights model, or one whose weights accelerate offloads to CPU or disk and loads in
     hooks: the new parameters would never be loaded), and integer weights that no supported quantizer produced.
     Bases quantized with bitsandbytes (4-bit, 8-bit) or torchao are accepted: daGPAM reads activations only, and its
-    own weights stay unquantized.
+    own weights stay unquantized. A model transformers dequantized from a GGUF file is a plain float model: its stale
+    GGUF tag is dropped here (``modeling.gpam_gguf.drop_gguf_tag``), so nothing claims it is quantized.
     """
     # accelerate's CPU / disk offloading also leaves the parameters on the meta device, loading them in hooks
     meta = [name for name, parameter in model.named_parameters() if parameter.device.type == "meta"]
@@ -75,6 +75,8 @@ def check_weights_are_materialised(model: nn.Module) -> None:
             "accelerate.dispatch_model(model, device_map=...)), or load the checkpoint straight into the GPAM class "
             "with the device_map: GpamXxx.from_pretrained(checkpoint, device_map=..., gpam_lambda_init=0.0)."
         )
+    if is_gguf_tagged(model):
+        drop_gguf_tag(model)
     method = quantization_method(model.config)
     if method is not None and method not in QUANTIZATION_SKIP_FIELDS:
         raise ValueError(
@@ -159,7 +161,6 @@ def patch_model(model: nn.Module, *, allow_untested: bool = False, **gpam_option
             f"patch_model: {type(model).__name__} is not supported for model_type {model_type!r} "
             f"(supported classes: {supported})"
         )
-    implementation = config._attn_implementation
     check_weights_are_materialised(model)
     if untested:
         stock_class = type(model)
@@ -173,19 +174,7 @@ def patch_model(model: nn.Module, *, allow_untested: bool = False, **gpam_option
         gpam_options = {"gpam_rope_variant": "literal", **gpam_options}
     # λ = 0 keeps the pretrained model's outputs at conversion
     gpam_config = gpam_config_from_stock(config, architecture.config_class, **{"gpam_lambda_init": 0.0, **gpam_options})
-    gpam_config._attn_implementation = implementation
-    gpam_config.name_or_path = config.name_or_path
-    gpam_config.architectures = [gpam_class.__name__]
-
-    # every sub-module that shares the stock config (encoder, decoder, attention) sees the new one
-    for module in model.modules():
-        if getattr(module, "config", None) is config:
-            module.config = gpam_config
-    model.__class__ = gpam_class
-    # output_attentions / output_hidden_states capture is looked up by class in a registry filled in
-    # PreTrainedModel.__init__, which a class swap skips
-    register_output_capture(gpam_class)
-    model.convert_to_gpam()
+    become_gpam_model(model, gpam_class, gpam_config, config)
     if untested:
         try:
             check_zero_lambda_identity(model, probe, reference)
@@ -266,6 +255,11 @@ def unpatch(model: nn.Module, stock_class: type, stock_config) -> None:
             if hook is hand_on_rotary_embeddings:
                 del module._forward_pre_hooks[hook_id]
                 module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+        # the rotary embedding's hook that hands the per-forward RoPE coefficients on (its flag goes with the gpam_*
+        # attributes below)
+        for hook_id, hook in list(module._forward_hooks.items()):
+            if hook is attach_rotation_coefficients:
+                del module._forward_hooks[hook_id]
         for name in [n for n in (*module._parameters, *module._buffers, *module._modules) if n.startswith("gpam_")]:
             delattr(module, name)
         for name in [n for n in vars(module) if n.startswith("gpam_")]:

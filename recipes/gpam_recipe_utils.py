@@ -140,6 +140,14 @@ class ModelArguments:
             "passed to the config's constructor, so fields derived from them (head_dim, layer_types) follow."
         },
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load --model_name_or_path from this GGUF file (its name in that folder or Hub repository, or a "
+            "path), e.g. SmolLM2-135M-Instruct.Q4_1.gguf; transformers dequantizes it to float32 (needs the gguf "
+            "package) and the tokenizer comes from the same file."
+        },
+    )
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer folder or Hub id (default: the checkpoint's, or one trained here)."}
     )
@@ -198,6 +206,10 @@ class ModelArguments:
             raise ValueError("give either --model_name_or_path (a checkpoint) or --model_type (from scratch), not both")
         if self.config_overrides and self.model_name_or_path is not None:
             raise ValueError("--config_overrides only applies to a model trained from scratch (--model_type)")
+        if self.gguf_file is not None and self.model_name_or_path is None:
+            raise ValueError("--gguf_file needs --model_name_or_path (the folder or Hub repository holding the file)")
+        if self.gguf_file is not None and self.quantization is not None:
+            raise ValueError("--gguf_file loads dequantized float32 weights; --quantization cannot be combined with it")
         if self.merge_lora and not self.use_lora:
             raise ValueError("--merge_lora needs --use_lora")
         if self.quantization is not None:
@@ -308,6 +320,9 @@ def start_run(data_arguments_class, training_arguments_class, argv, *, output_di
     set_seed(training_args.seed)
     if model_args.model_type is not None:
         check_supported(model_args.model_type, supported, task)
+    if model_args.gguf_file is not None:
+        # before the tokenizer is read from the same file
+        check_gguf_source(model_args.model_name_or_path, model_args.gguf_file)
     return model_args, gpam_args, data_args, training_args, resolve_checkpoint(training_args)
 
 
@@ -484,9 +499,11 @@ def load_or_train_tokenizer(model_args, training_args, texts_for_training, check
     """
     source = model_args.tokenizer_name or model_args.model_name_or_path
     if source is not None:
+        # a GGUF file carries its tokenizer (and chat template)
+        gguf = {"gguf_file": model_args.gguf_file} if model_args.tokenizer_name is None and model_args.gguf_file else {}
         return AutoTokenizer.from_pretrained(
             source, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
-            trust_remote_code=model_args.trust_remote_code,
+            trust_remote_code=model_args.trust_remote_code, **gguf,
         )
     is_main = training_args.process_index == 0
     # global main process first: the other ranks wait, then load what it saved into the shared output folder
@@ -599,6 +616,8 @@ def load_model(model_args, gpam_args, auto_class, tokenizer, supported: tuple[st
         return auto_class.from_config(config, **common), None
 
     hub = dict(revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    if model_args.gguf_file is not None:
+        hub["gguf_file"] = model_args.gguf_file
     config = AutoConfig.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **hub
     )
@@ -615,6 +634,16 @@ def load_model(model_args, gpam_args, auto_class, tokenizer, supported: tuple[st
             )
         return model, model_args.model_name_or_path
     return hf_gpam.patch_model(model, **gpam_args.options()), model_args.model_name_or_path
+
+
+def check_gguf_source(model_name_or_path: str, gguf_file: str) -> None:
+    """One clear line for a GGUF file that is missing or of an architecture transformers' GGUF loader cannot read."""
+    from hf_gpam.modeling.gpam_gguf import check_gguf_architecture, check_gguf_file
+
+    check_gguf_file(model_name_or_path, gguf_file)
+    local = gguf_file if os.path.isfile(gguf_file) else os.path.join(model_name_or_path, gguf_file)
+    if os.path.isfile(local):
+        check_gguf_architecture(local)
 
 
 def apply_lora(model, model_args, task_type: str):
@@ -845,3 +874,71 @@ def push_folder(trainer, commit_message: str) -> None:
         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**"],
         token=trainer.args.hub_token,
     )
+
+
+def check_chat_template(tokenizer, prompt: str | None) -> None:
+    """``--chat_prompt`` needs a tokenizer with a chat template (an instruct model's); say so before training."""
+    if prompt is not None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "--chat_prompt needs a tokenizer with a chat template (an instruct model's, e.g. SmolLM2-135M-Instruct); "
+            "this run's tokenizer has none: drop --chat_prompt"
+        )
+
+
+@torch.no_grad()
+def chat_answer(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
+    """The model's greedy answer to one user turn, formatted with the tokenizer's chat template."""
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    device = next(model.parameters()).device
+    inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
+    training = model.training
+    model.eval()
+    try:
+        # the Trainer sets config.use_cache=False for training; generation wants the cache
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    finally:
+        model.train(training)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def lambda_per_layer_lines(lambdas: dict[str, list], per_line: int = 4) -> list[str]:
+    """``gpam_lambda_values`` as a few text lines: each daGPAM module's λ, mean over heads with the head range."""
+    cells = []
+    for name, values in lambdas.items():
+        flat = torch.tensor(values, dtype=torch.float64).flatten()
+        # the module name without the model's prefix, e.g. "layers.3.self_attn"
+        short = ".".join(part for part in name.split(".") if part not in ("base_model", "model", "transformer"))
+        cells.append(f"{short} {flat.mean():+.4f} [{flat.min():+.3f}, {flat.max():+.3f}]")
+    return ["  " + "   ".join(cells[i:i + per_line]) for i in range(0, len(cells), per_line)]
+
+
+def print_closing_summary(title: str, rows: list[tuple[str, str]], lambdas: dict[str, list], output_dir: str | None,
+                          next_commands: list[str]) -> None:
+    """Print what a run did, on the main process: ``rows`` of (what, before -> after), λ per layer, the output
+    folder and the commands to try next. Printed (not logged), so it shows whatever the log level."""
+    width = max([len(label) for label, _ in rows] + [10])
+    lines = ["", f"=== {title} ==="]
+    lines += [f"{label.ljust(width)}  {value}" for label, value in rows]
+    if lambdas:
+        lines.append("λ per daGPAM module after training (mean over heads [min, max]):")
+        lines += lambda_per_layer_lines(lambdas)
+    else:
+        lines.append("λ: none (softmax attention: --gpam_mode softmax, or no daGPAM layer)")
+    if output_dir is not None:
+        lines.append(f"{'output'.ljust(width)}  {os.path.abspath(output_dir)}")
+    if next_commands:
+        lines.append("next:")
+        lines += [f"  {command}" for command in next_commands]
+    print("\n".join(lines), flush=True)
+
+
+def before_after(results: dict, before_key: str, after_key: str, fmt: str = "{:.4f}") -> str:
+    """``"before -> after"`` of two result keys, "n/a" for one that is missing."""
+    def shown(key):
+        return fmt.format(results[key]) if key in results else "n/a"
+    return f"{shown(before_key)} -> {shown(after_key)}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from itertools import chain
@@ -31,9 +32,13 @@ from transformers import AutoModelForCausalLM, TrainingArguments, default_data_c
 from gpam_recipe_utils import (
     evaluation_before_training_is_safe,
     GpamTrainer,
+    before_after,
+    chat_answer,
+    check_chat_template,
     check_data_file,
     load_or_train_tokenizer,
     prepare_model,
+    print_closing_summary,
     push_folder,
     recipe_command,
     start_run,
@@ -42,7 +47,7 @@ from gpam_recipe_utils import (
 import hf_gpam
 from hf_gpam.architectures import model_types_for_task
 from hf_gpam.data import stdlib_docstring_corpus
-from hf_gpam.hub import LM_TEMPLATE_PATH
+from hf_gpam.hub import LM_TEMPLATE_PATH, gpam_lambda_values
 
 
 logger = logging.getLogger(__name__)
@@ -101,6 +106,15 @@ class DataTrainingArguments:
     eval_before_training: bool = field(
         default=True, metadata={"help": "Also evaluate before training, so all_results.json shows the loss falling."}
     )
+    chat_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "A user turn answered greedily before and after training, through the tokenizer's chat template "
+            "(instruct models), e.g. 'What is the capital of France?'; shown in the closing summary and recorded in "
+            "all_results.json."
+        },
+    )
+    chat_max_new_tokens: int = field(default=32, metadata={"help": "Length limit of the --chat_prompt answers."})
 
     def __post_init__(self):
         if self.dataset_name is not None and self.train_file is not None:
@@ -205,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_chat_template(tokenizer, data_args.chat_prompt)
     model, base_model = prepare_model(
         model_args, gpam_args, AutoModelForCausalLM, tokenizer, checkpoint, supported=SUPPORTED_MODEL_TYPES,
         task="run_clm_gpam", lora_task_type="CAUSAL_LM",
@@ -235,6 +250,11 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_blocks": len(eval_dataset),
         "gpam_mode": getattr(trainer.model.config, "gpam_mode", "softmax"),
     }
+    # one process: generating on one rank of a sharded (FSDP) model would wait for the others forever
+    chat = data_args.chat_prompt if training_args.world_size == 1 else None
+    if chat is not None:
+        results["chat_prompt"] = chat
+        results["chat_answer_before"] = chat_answer(trainer.model, tokenizer, chat, data_args.chat_max_new_tokens)
     if (training_args.do_eval and data_args.eval_before_training and checkpoint is None
             and evaluation_before_training_is_safe(model_args, training_args)):
         metrics = trainer.evaluate(metric_key_prefix="init_eval")
@@ -250,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
         trainer.log_metrics("eval", metrics)
         results.update(metrics)
+    if chat is not None:
+        results["chat_answer_after"] = chat_answer(trainer.model, tokenizer, chat, data_args.chat_max_new_tokens)
 
     card = dict(
         base_model=base_model,
@@ -270,7 +292,42 @@ def main(argv: list[str] | None = None) -> dict:
     )
     write_outputs(trainer, trainer.model, tokenizer, model_args, results, card)
     push_folder(trainer, "run_clm_gpam: end of training")
+    if trainer.is_world_process_zero():
+        print_closing_summary(
+            f"run_clm_gpam: {results['gpam_mode']} {model.config.model_type.removeprefix('gpam_')}, "
+            f"{trainer.state.global_step} steps",
+            summary_rows(results), gpam_lambda_values(trainer.model), training_args.output_dir,
+            next_commands(training_args.output_dir, model_args, chat),
+        )
     return results
+
+
+def summary_rows(results: dict) -> list[tuple[str, str]]:
+    """The closing summary's before -> after lines: held-out loss, perplexity, the chat answer."""
+    rows = [
+        ("held-out loss", before_after(results, "init_eval_loss", "eval_loss")),
+        ("perplexity", before_after(results, "init_perplexity", "perplexity", "{:.2f}")),
+    ]
+    if "train_runtime" in results:
+        rows.append(("training time", f"{results['train_runtime']:.0f} s"))
+    if "chat_prompt" in results:
+        rows.append(("chat prompt", repr(results["chat_prompt"])))
+        rows.append(("answer before", repr(results.get("chat_answer_before"))))
+        rows.append(("answer after", repr(results.get("chat_answer_after"))))
+    return rows
+
+
+def next_commands(output_dir: str, model_args, chat_prompt: str | None) -> list[str]:
+    """What to run on the output folder: chat with it, serve it, diagnose it (a LoRA adapter needs merging first)."""
+    if model_args.use_lora and not model_args.merge_lora:
+        return ["the folder holds a LoRA adapter: rerun with --merge_lora for a full daGPAM checkpoint that "
+                "generate, hf-gpam serve and vLLM load"]
+    prompt = shlex.quote(chat_prompt or "The attention mechanism")
+    return [
+        f"python recipes/chat_gpam.py {output_dir} {prompt}",
+        f"hf-gpam serve {output_dir}",
+        f"hf-gpam diagnose {output_dir} --text {prompt} --output_dir {output_dir}/diagnostics",
+    ]
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqT
 from gpam_recipe_utils import (
     evaluation_before_training_is_safe,
     GpamSeq2SeqTrainer,
+    before_after,
     check_data_file,
     load_or_train_tokenizer,
     prepare_model,
+    print_closing_summary,
     push_folder,
     recipe_command,
     start_run,
@@ -42,7 +44,7 @@ from gpam_recipe_utils import (
 )
 from hf_gpam.architectures import model_types_for_task
 from hf_gpam.data import number_translation_pairs
-from hf_gpam.hub import TRANSLATION_TEMPLATE_PATH
+from hf_gpam.hub import TRANSLATION_TEMPLATE_PATH, gpam_lambda_values
 
 
 logger = logging.getLogger(__name__)
@@ -413,6 +415,29 @@ def main(argv: list[str] | None = None) -> dict:
     )
     write_outputs(trainer, trainer.model, tokenizer, model_args, results, card)
     push_folder(trainer, "run_translation_gpam: end of training")
+    if trainer.is_world_process_zero():
+        rows = [("held-out loss", before_after(results, "init_eval_loss", "eval_loss"))]
+        if "eval_bleu" in results:
+            rows.append(("BLEU / chrF", f"{results['eval_bleu']:.1f} / {results.get('eval_chrf', float('nan')):.1f}"))
+        if "train_runtime" in results:
+            rows.append(("training time", f"{results['train_runtime']:.0f} s"))
+        output_dir = training_args.output_dir
+        if model_args.use_lora and not model_args.merge_lora:
+            commands = ["the folder holds a LoRA adapter: rerun with --merge_lora for a full daGPAM checkpoint"]
+        else:
+            # the embedded task's kind of input; any sentence of --source_lang for other data
+            sample = "seven cars" if output_dir == DEFAULT_OUTPUT_DIR else "your sentence"
+            commands = [
+                f"python -c \"import hf_gpam, transformers as t; m = t.AutoModelForSeq2SeqLM.from_pretrained('{output_dir}'); "
+                f"k = t.AutoTokenizer.from_pretrained('{output_dir}'); "
+                f"print(k.batch_decode(m.generate(**k(['{sample}'], return_tensors='pt')), skip_special_tokens=True))\"",
+                f"hf-gpam diagnose {output_dir} --text '{sample}' --output_dir {output_dir}/diagnostics",
+            ]
+        print_closing_summary(
+            f"run_translation_gpam: {results['gpam_mode']} {model.config.model_type.removeprefix('gpam_')}, "
+            f"{trainer.state.global_step} steps",
+            rows, gpam_lambda_values(trainer.model), output_dir, commands,
+        )
     return results
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the core test modules against every transformers release of the verified range, each in its own venv.
+"""Run the test modules of every feature against each transformers release of the verified range, one venv each.
 
     make compat                                              # the default range and test modules
     make compat COMPAT_VERSIONS="5.23.0 5.24.0" COMPAT_TESTS=tests/test_ops.py
@@ -7,10 +7,16 @@
 
 For each version, ``.compat/venv-<version>`` is created (a clean virtual environment, no system site-packages) or
 reused when it already holds the same torch, transformers and ``pyproject.toml``. Into it go torch
-(``--torch-spec``, the Makefile's ``TORCH_SPEC``), then hf_gpam in editable mode with its ``[all,dev]`` extras under
-a constraints file that pins ``transformers==<version>`` and the torch just installed, so that no dependency can
+(``--torch-spec``, the Makefile's ``TORCH_SPEC``), then hf_gpam in editable mode with its ``[all,dev,serving]`` extras
+under a constraints file that pins ``transformers==<version>`` and the torch just installed, so that no dependency can
 move either. A version outside the range ``pyproject.toml`` declares therefore fails to install: widen the
 requirement first, then verify it here.
+
+The default tests are the core modules and the features that differ most between releases: the attention backends
+and continuous batching (``tests/test_backends.py``) and ``hf-gpam serve`` (``tests/test_serving.py``, its
+``serving`` marker selected). In each venv the record of the keywords that release hands to attention functions
+(``tests/fixtures/attention_keywords.json``, read by tests/test_contract.py) is refreshed first, and pytest writes
+a JUnit file, from which the report says which features each release runs.
 
 The versions run one after the other (each pytest run is single-threaded work on a shared machine and the results
 must not depend on what runs beside them), one pytest run per version, from the repository root. The import gate
@@ -55,7 +61,36 @@ DEFAULT_TESTS = (
     "tests/test_decoders.py",
     "tests/test_rope.py",
     "tests/test_contract.py",
+    "tests/test_backends.py",
+    "tests/test_edges.py",
+    "tests/test_loading.py",
+    "tests/test_serving.py",
 )
+# test module -> the feature it verifies, the columns of the report's feature table
+FEATURES = {
+    "test_ops": "daGPAM math",
+    "test_models": "GPT-2 / BART / Marian",
+    "test_decoders": "decoder families",
+    "test_generation": "generate",
+    "test_hub": "save / remote code",
+    "test_patching": "patch_model",
+    "test_peft": "PEFT / QLoRA",
+    "test_interface": "attention interface",
+    "test_eager_autograd": "eager autograd",
+    "test_config": "config",
+    "test_promises": "README promises",
+    "test_rope": "RoPE",
+    "test_contract": "keyword contract",
+    "test_backends": "flex, paged eager, continuous batching",
+    "test_edges": "flash name, inference_mode, padded generate",
+    "test_loading": "checkpoint checks",
+    "test_serving": "hf-gpam serve",
+}
+# the extras installed into each venv: the test suite's, and transformers serve for tests/test_serving.py
+EXTRAS = "all,dev,serving"
+# the markers of the default test run, with the serving tests selected (slow and vLLM tests stay out)
+PYTEST_MARKERS = "not slow and not vllm"
+KEYWORD_RECORD = "tests/fixtures/attention_keywords.json"
 DEFAULT_TORCH_SPEC = "torch==2.13.0"
 SKIP_VERSION_CHECK_ENV = "HF_GPAM_SKIP_VERSION_CHECK"
 # pytest's final line, e.g. "3 failed, 120 passed, 4 warnings in 95.31s (0:01:35)" or "no tests ran in 0.01s"
@@ -116,6 +151,8 @@ class VersionResult:
     seconds: float = 0.0
     problem: str = ""
     log_path: str = ""
+    # test module -> (passed, failed or errored, skipped), from pytest's JUnit file
+    modules: dict[str, tuple[int, int, int]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -172,13 +209,14 @@ def render_report(
     lines = [
         "# transformers compatibility",
         "",
-        "The core test modules, run once per transformers release of the verified range, each release in its own",
-        "virtual environment (`scripts/compat.py`; the default test run uses one release only).",
+        "The test modules of the core and of the features that differ between releases (attention backends and",
+        "continuous batching, hf-gpam serve), run once per transformers release of the verified range, each release",
+        "in its own virtual environment (`scripts/compat.py`; the default test run uses one release only).",
         "",
         f"- date: {date}",
         f"- torch: {torch_versions}; Python {python_version or platform.python_version()}",
         f"- command: `{command}`",
-        f"- tests: {', '.join(f'`{t}`' for t in tests)} (default markers: slow tests excluded)",
+        f"- tests: {', '.join(f'`{t}`' for t in tests)} (markers: `{PYTEST_MARKERS}`)",
     ]
     if missing_tests:
         lines.append(f"- not in the tree yet, so not run: {', '.join(f'`{t}`' for t in missing_tests)}")
@@ -188,6 +226,15 @@ def render_report(
             "verify it"
         )
     lines += ["", markdown_table(results), ""]
+    if any(r.modules for r in results):
+        lines += [
+            "## Features per release",
+            "",
+            "Each column is one test module (the feature it verifies); \"yes\": every test of it passed on that release.",
+            "",
+            feature_table(results, tests),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -228,6 +275,7 @@ def ensure_environment(version: str, torch_spec: str, compat_dir: Path) -> tuple
     wanted = {
         "transformers": version,
         "torch_spec": torch_spec,
+        "extras": EXTRAS,
         # a changed pyproject.toml (requirements, extras) means a re-install
         "pyproject_sha256": hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest(),
     }
@@ -252,8 +300,8 @@ def ensure_environment(version: str, torch_spec: str, compat_dir: Path) -> tuple
         # the [all] extras (peft, accelerate...) must not replace the transformers under test nor the torch build
         constraints.write_text(f"transformers=={version}\ntorch=={torch_version}\n", encoding="utf-8")
         step(
-            [*pip, "-c", str(constraints), "-e", ".[all,dev]"],
-            f"pip install -e '.[all,dev]' with transformers=={version}",
+            [*pip, "-c", str(constraints), "-e", f".[{EXTRAS}]"],
+            f"pip install -e '.[{EXTRAS}]' with transformers=={version}",
         )
     installed = _probe(python, "torch", "transformers")
     if installed["transformers"] != version:
@@ -287,17 +335,76 @@ def run_version(version: str, args: argparse.Namespace, tests: list[str]) -> Ver
     result.log_path = str(log_path)
     print(f"[compat] transformers {version} (torch {result.torch}): pytest {' '.join(tests)}", flush=True)
     test_started = time.perf_counter()
+    junit_path = args.compat_dir / f"junit-{version}.xml"
+    env = pytest_environment(args.keep_skip_version_check)
     with open(log_path, "w", encoding="utf-8") as log:
+        if args.refresh_keywords:
+            # the keywords this release hands to attention functions, for tests/test_contract.py
+            _run_logged(
+                [str(python), "-m", "tests.attention_keywords", "--update", KEYWORD_RECORD], log, cwd=REPO_ROOT, env=env
+            )
         result.exit_status = _run_logged(
-            [str(python), "-m", "pytest", "-q", "--color=no", "-p", "no:cacheprovider", *tests],
+            [str(python), "-m", "pytest", "-q", "--color=no", "-p", "no:cacheprovider", "-m", PYTEST_MARKERS,
+             f"--junitxml={junit_path}", *tests],
             log,
             cwd=REPO_ROOT,
-            env=pytest_environment(args.keep_skip_version_check),
+            env=env,
         )
     result.seconds = time.perf_counter() - test_started
     result.summary = parse_pytest_summary(log_path.read_text(encoding="utf-8", errors="replace"))
+    result.modules = module_results(junit_path) if junit_path.is_file() else None
     print(f"[compat] transformers {version}: {result.outcome} in {result.seconds:.1f}s (log: {log_path})", flush=True)
     return result
+
+
+def module_results(junit_path: Path) -> dict[str, tuple[int, int, int]]:
+    """Test module -> (passed, failed or errored, skipped), read from a pytest JUnit file."""
+    import xml.etree.ElementTree as ElementTree
+
+    counts: dict[str, list[int]] = {}
+    for case in ElementTree.parse(junit_path).getroot().iter("testcase"):
+        # classname: "tests.test_backends" or "tests.test_backends.TestClass"
+        parts = case.get("classname", "").split(".")
+        module = next((p for p in parts if p.startswith("test_")), parts[-1])
+        row = counts.setdefault(module, [0, 0, 0])
+        if case.find("failure") is not None or case.find("error") is not None:
+            row[1] += 1
+        elif case.find("skipped") is not None:
+            row[2] += 1
+        else:
+            row[0] += 1
+    return {module: tuple(row) for module, row in counts.items()}
+
+
+def feature_table(results: list[VersionResult], tests: list[str]) -> str:
+    """Which features each release runs: one row per release, one column per test module (``FEATURES``); a cell is
+    "yes" (every test passed), "FAIL n/m", "skipped" or "–" (no result).
+
+    Example:
+
+    ```python
+    >>> row = VersionResult("5.23.0", modules={"test_backends": (27, 1, 0)})
+    >>> print(feature_table([row], ["tests/test_backends.py"]).splitlines()[2])
+    | 5.23.0 | FAIL 1/28 |
+    ```
+    """
+    modules = [Path(t).stem for t in tests]
+    header = [FEATURES.get(m, m) for m in modules]
+    lines = ["| transformers | " + " | ".join(header) + " |", "|---|" + "---|" * len(modules)]
+    for result in results:
+        cells = []
+        for module in modules:
+            counts = (result.modules or {}).get(module)
+            if counts is None:
+                cells.append("–")
+            elif counts[1]:
+                cells.append(f"FAIL {counts[1]}/{sum(counts)}")
+            elif counts[0] == 0:
+                cells.append("skipped")
+            else:
+                cells.append("yes")
+        lines.append(f"| {result.transformers} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output", default=str(REPO_ROOT / "docs" / "compat.md"), help="the report to write; '' to write none"
+    )
+    parser.add_argument(
+        "--no-refresh-keywords", dest="refresh_keywords", action="store_false",
+        help=f"leave {KEYWORD_RECORD} as it is (by default each release's entry is recorded again)",
     )
     parser.add_argument(
         "--keep-skip-version-check",

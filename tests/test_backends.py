@@ -11,6 +11,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from hf_gpam import ARCHITECTURES
 from hf_gpam.modeling import gpam_interface
 from hf_gpam.testing_utils import tiny_stock_config
 
@@ -29,6 +30,14 @@ def gpam_causal(model_type, implementation, **overrides):
 
 
 # --- the wrapper against the float64 reference -------------------------------------------------------------------
+
+
+class UnchangedPagedCache:
+    """Continuous batching's paged cache as the paged eager function of 5.19-5.23 requires one (it updates the cache
+    itself and refuses to run without): stores nothing, hands K and V back as given. 5.24+ ignore the keyword."""
+
+    def update(self, key_states, value_states, layer_idx, kwargs):
+        return key_states, value_states
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
@@ -51,9 +60,10 @@ def test_dual_attention_wrapper_passes_gradients_to_the_negative_projection_and_
     # the wrapper around a stock function that has a CPU backward (paged eager): W⁻, λ, Q, K, V all get gradients
     query, key, value = qkv(heads=4, kv_heads=2, q_len=5, k_len=5, requires_grad=True)
     module = ToyGpamAttention()
-    module.num_key_value_groups = 2
+    # the paged cache of 5.19-5.23 is updated per layer
+    module.num_key_value_groups, module.layer_idx = 2, 0
     function = ALL_ATTENTION_FUNCTIONS[gpam_interface.gpam_attn_implementation("paged|eager")]
-    output = function(module, query, key, value, None, scaling=8**-0.5)[0].transpose(1, 2)
+    output = function(module, query, key, value, None, scaling=8**-0.5, cache=UnchangedPagedCache())[0].transpose(1, 2)
     ref_inputs = [t.detach().double().requires_grad_() for t in (query, key, value)]
     reference = reference_for(module.double(), *ref_inputs)["output"]
     upstream = torch.randn_like(reference)
@@ -69,13 +79,14 @@ def test_dual_attention_wrapper_passes_gradients_to_the_negative_projection_and_
 def test_paged_eager_wrapper_matches_the_reference_and_returns_the_signed_map(masked):
     query, key, value = qkv(heads=4, kv_heads=2, q_len=5, k_len=5)
     module = ToyGpamAttention()
-    module.num_key_value_groups = 2
+    # the paged cache of 5.19-5.23 is updated per layer
+    module.num_key_value_groups, module.layer_idx = 2, 0
     mask = None
     if masked:
         keep = torch.ones(5, 5, dtype=torch.bool).tril()
         mask = torch.zeros(5, 5).masked_fill(~keep, torch.finfo(torch.float32).min)
     function = ALL_ATTENTION_FUNCTIONS[gpam_interface.gpam_attn_implementation("paged|eager")]
-    output, p_gpam = function(module, query, key, value, mask, scaling=8**-0.5)
+    output, p_gpam = function(module, query, key, value, mask, scaling=8**-0.5, cache=UnchangedPagedCache())
     reference = reference_for(
         module.double(), *(t.double() for t in (query, key, value)), mask=None if mask is None else mask.double()
     )
@@ -198,7 +209,7 @@ def engine_attention(module, query, key, value, attention_mask, **kwargs):
 def test_vllms_transformers_backend_is_refused_by_name(monkeypatch):
     # vLLM registers "vllm" in ALL_ATTENTION_FUNCTIONS and sets it on the config before building the model
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "vllm", engine_attention)
-    refusal = "cannot run on vLLM's Transformers modeling backend"
+    refusal = "cannot run on vLLM's stock Transformers modeling backend"
     stock = head_class("llama")(tiny_stock_config("llama"))
     stock.set_attn_implementation("vllm")  # a name transformers accepts: the refusal is daGPAM's
     with pytest.raises(ValueError, match=refusal):
@@ -211,3 +222,31 @@ def test_vllms_transformers_backend_is_refused_by_name(monkeypatch):
     # what vLLM asks of the class before it picks that backend: the reason, not a yes or no
     with pytest.raises(ValueError, match=rf"GpamLlamaForCausalLM {refusal}"):
         type(model).is_backend_compatible()
+
+
+def test_an_engine_integration_that_registers_its_dagpam_function_is_accepted(monkeypatch):
+    # hf_gpam's vLLM plugin registers gpam_vllm (2H-head vLLM layers) in the engine's processes: "vllm" then routes
+    # the daGPAM modules there, and only there
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "vllm", engine_attention)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "gpam_vllm", engine_attention)
+    assert gpam_interface.gpam_attn_implementation("vllm") == "gpam_vllm"
+    model = gpam_model("llama", attn_implementation="vllm")
+    assert model.config._attn_implementation == "vllm"
+    assert {module.config._attn_implementation for module in model.gpam_modules()} == {"gpam_vllm"}
+    # the stock backend is still refused where vLLM would pick it for the class
+    with pytest.raises(ValueError, match="stock Transformers modeling backend"):
+        type(model).is_backend_compatible()
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_gpam_classes_keep_the_stock_attention_backend_flag_and_refuse_vllms_stock_backend(model_type):
+    # transformers' own tests (padding-free batches among them) read _supports_attention_backend: the GPAM classes
+    # keep the stock value, and refuse vLLM's stock Transformers backend through is_backend_compatible instead
+    architecture = ARCHITECTURES[model_type]
+    encoder_decoder = architecture.task == "seq2seq-lm"
+    for stock_class, gpam_class in architecture.model_classes.items():
+        assert gpam_class._supports_attention_backend == stock_class._supports_attention_backend
+        reason = "is an encoder-decoder daGPAM model, which vLLM cannot serve" if encoder_decoder else (
+            "stock Transformers modeling backend")
+        with pytest.raises(ValueError, match=reason):
+            gpam_class.is_backend_compatible()

@@ -102,7 +102,7 @@ def test_model_sources_that_must_be_local_folders(tmp_path):
     assert cli.looks_like_local_path("./model") and cli.looks_like_local_path("/abs/model")
     assert cli.looks_like_local_path("runs/a/b")
     assert not cli.looks_like_local_path("gpt2") and not cli.looks_like_local_path("org/name")
-    with pytest.raises(FileNotFoundError, match="model folder .* does not exist"):
+    with pytest.raises(FileNotFoundError, match="model folder .*: no such folder"):
         cli.check_model_source(str(tmp_path / "nothing"))
     cli.check_model_source(str(tmp_path))
     # a Hub id is left to transformers (a download, or its own offline error)

@@ -140,6 +140,7 @@ def test_an_installed_environment_is_reused(tmp_path, monkeypatch):
     wanted = {
         "transformers": transformers.__version__,
         "torch_spec": "torch==x",
+        "extras": compat.EXTRAS,
         "pyproject_sha256": compat.hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest(),
     }
     (venv_dir / "hf_gpam-compat.json").write_text(json.dumps({"wanted": wanted}))
@@ -165,3 +166,29 @@ def test_main_writes_the_report_and_fails_when_a_version_fails(tmp_path, monkeyp
     assert "| 5.23.0 | 2.13.0+cpu | 40 |" in output.read_text() and "| 5.23.0 |" in capsys.readouterr().out
     assert compat.main([*argv[:2], "5.24.0", *argv[2:]]) == 1
     assert compat.main(["--versions", "5.22.2", *argv[2:]]) == 1
+
+
+def test_the_default_run_covers_continuous_batching_serving_and_backends():
+    assert {"tests/test_backends.py", "tests/test_serving.py"} <= set(compat.DEFAULT_TESTS)
+    assert "serving" in compat.EXTRAS.split(",") and "not serving" not in compat.PYTEST_MARKERS
+    assert {Path(t).stem for t in compat.DEFAULT_TESTS} <= set(compat.FEATURES)
+
+
+def test_the_report_says_which_features_each_release_runs(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite>'
+        '<testcase classname="tests.test_backends" name="a"/>'
+        '<testcase classname="tests.test_backends" name="b"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_serving" name="c"><skipped/></testcase>'
+        '<testcase classname="tests.test_ops" name="d"/>'
+        '</testsuite></testsuites>'
+    )
+    modules = compat.module_results(junit)
+    assert modules == {"test_backends": (1, 1, 0), "test_serving": (0, 0, 1), "test_ops": (1, 0, 0)}
+    rows = [compat.VersionResult("5.23.0", "2.13.0", modules=modules), compat.VersionResult("5.24.0", "2.13.0")]
+    tests = ["tests/test_ops.py", "tests/test_backends.py", "tests/test_serving.py"]
+    report = compat.render_report(rows, command="c", tests=tests, missing_tests=[], kept_skip_version_check=False)
+    assert "| 5.23.0 | yes | FAIL 1/2 | skipped |" in report
+    assert "| 5.24.0 | – | – | – |" in report
+    assert "hf-gpam serve" in report and "continuous batching" in report

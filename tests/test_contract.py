@@ -3,25 +3,24 @@ accepts, backend names written by transformers' own code, packed rows, Gemma3 on
 windows that can fail, assisted decoding and continuing from ``past_key_values`` for every family."""
 
 import copy
-import inspect
 import json
 import os
+import runpy
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AttentionInterface, DataCollatorWithFlattening
-from transformers.loss.loss_utils import LOSS_MAPPING
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
-from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
-from transformers.utils.generic import TransformersKwargs
+import transformers
+from transformers import DataCollatorWithFlattening
 
 import hf_gpam
 from hf_gpam.modeling.gpam_interface import KEYWORD_POLICY
 from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE
 
+from .attention_keywords import declared_keywords, observed_keywords, recorded_keywords
 from .test_decoders import EAGER_ONLY, backends, without_dropout
 from .utils import (
     DECODER_TYPES, gpam_model, main_output, model_inputs, randomise_gpam, sharpen_attention, stock_model,
@@ -32,8 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # the causal-LM families: the ten decoder rows and GPT-2
 CAUSAL_TYPES = [*DECODER_TYPES, "gpt2"]
-# the loss types of the heads in the table (causal LMs, sequence classifiers; BART and Marian compute their own)
-TABLE_LOSS_TYPES = ("ForCausalLM", "ForSequenceClassification")
 
 
 def gpam_causal(model_type, implementation, **overrides):
@@ -46,84 +43,41 @@ def gpam_causal(model_type, implementation, **overrides):
 # --- 1. every keyword transformers can pass has a policy, and every policy entry can arrive ----------------------
 
 
-def transformers_keywords():
-    """Every keyword a stock forward can hand on to its attention function: the TypedDicts' keys and the optional
-    keywords of the loss functions of the table's heads (loss keywords travel with the model's **kwargs)."""
-    names = set(TransformersKwargs.__annotations__) | set(FlashAttentionKwargs.__annotations__)
-    for loss_type in TABLE_LOSS_TYPES:
-        for name, parameter in inspect.signature(LOSS_MAPPING[loss_type]).parameters.items():
-            if parameter.default is not inspect.Parameter.empty and parameter.kind is not parameter.VAR_KEYWORD:
-                names.add(name)
-    return names
-
-
 def test_every_keyword_transformers_declares_has_a_policy():
-    names = transformers_keywords()
+    names = declared_keywords()
     # the issue's three, so this test cannot pass on an empty walk
     assert {"shift_labels", "seq_idx", "output_router_logits", "num_items_in_batch"} <= names
     missing = sorted(names - set(KEYWORD_POLICY))
     assert not missing, f"keywords transformers can pass to attention without a daGPAM policy: {missing}"
 
 
-class KeywordSpy:
-    """A registered attention backend that records the keywords it receives and runs the
-    stock eager function of the module's own modeling file with them."""
-
-    def __init__(self):
-        self.seen = set()
-
-    def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        self.seen.update(kwargs)
-        eager = sys.modules[type(module).__module__].eager_attention_forward
-        return eager(module, query, key, value, attention_mask, **kwargs)
+def test_the_keyword_record_covers_every_release_of_the_range():
+    # one entry per release `make compat` verifies (scripts/compat.py refreshes them in each release's venv)
+    compat = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "compat.py"))
+    record = recorded_keywords()
+    assert set(compat["DEFAULT_VERSIONS"]) <= set(record), sorted(set(compat["DEFAULT_VERSIONS"]) - set(record))
+    # continuous batching hands its paged cache to the attention function up to 5.23 (issue 20)
+    assert "cache" in record["5.23.0"]["observed"] and "cache" not in record["5.25.0"]["observed"]
 
 
-def test_every_policy_entry_reaches_the_attention_function_of_some_family(monkeypatch):
-    spy = KeywordSpy()
-    AttentionInterface.register("keyword_spy", spy)
-    AttentionMaskInterface.register("keyword_spy", eager_mask)
-    ids = torch.randint(3, 90, (2, 8))
-    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)(
-        [{"input_ids": list(range(3, 9))}, {"input_ids": list(range(3, 7))}]
-    )
-    for model_type in ("llama", "mistral", "gemma2"):
-        model = stock_model(model_type, attn_implementation="keyword_spy")
-        model(
-            ids, labels=ids, shift_labels=ids, ignore_index=-100, num_items_in_batch=torch.tensor(8), is_causal=True,
-            output_attentions=True, output_hidden_states=True, output_router_logits=True, use_cache=True,
-        )
-        model(**packed, use_cache=False)
-    # generate(..., tokenizer=) keeps the tokenizer among the model keywords (transformers serve passes one)
-    stock_model("llama", attn_implementation="keyword_spy").generate(
-        ids, max_new_tokens=2, do_sample=False, tokenizer=object(), pad_token_id=1,
-    )
-    # an encoder-decoder's generate(**batch) hands the labels to its encoder (Seq2SeqTrainer.predict)
-    bart = stock_model("bart", attn_implementation="keyword_spy")
-    bart.generate(input_ids=ids, labels=ids, max_new_tokens=2, do_sample=False)
-    # attention sinks: GPT-OSS, which patch_model(allow_untested=True) can reach
-    from transformers import GptOssConfig, GptOssForCausalLM
+@pytest.mark.parametrize("release", sorted(recorded_keywords()))
+def test_every_keyword_any_release_passes_has_a_policy(release):
+    entry = recorded_keywords()[release]
+    # dropout and scaling are the attention functions' own parameters
+    missing = sorted((set(entry["observed"]) | set(entry["declared"])) - set(KEYWORD_POLICY) - {"dropout", "scaling"})
+    assert not missing, f"keywords transformers {release} passes to attention without a daGPAM policy: {missing}"
 
-    oss = GptOssForCausalLM(GptOssConfig(
-        num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        intermediate_size=32, num_local_experts=2, num_experts_per_tok=1, vocab_size=96,
-        layer_types=["full_attention"], attn_implementation="keyword_spy",
-    ))
-    oss(ids)
-    # continuous batching: its name check accepts "sdpa" only, so the spy stands in for stock sdpa there
-    from transformers import GenerationConfig
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def sdpa_spy(module, query, key, value, attention_mask, **kwargs):
-        spy.seen.update(kwargs)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", sdpa_spy)
-    stock_model("llama", attn_implementation="sdpa").generate_batch(
-        inputs=[[3, 4, 5], [6, 7]], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False),
-    )
+def test_every_policy_entry_reaches_the_attention_function_on_some_release():
+    seen = observed_keywords()
+    installed = recorded_keywords().get(transformers.__version__)
+    if installed is not None:
+        # the record of the installed release is what its walk observes (else: refresh it with scripts/compat.py)
+        assert sorted(seen) == installed["observed"]
+    seen |= {name for entry in recorded_keywords().values() for name in entry["observed"]}
     ours = {"gpam_position_embeddings"}
-    unreachable = sorted(set(KEYWORD_POLICY) - spy.seen - ours)
-    assert not unreachable, f"policy entries no stock forward passes to attention (drop them): {unreachable}"
+    unreachable = sorted(set(KEYWORD_POLICY) - seen - ours)
+    assert not unreachable, f"policy entries no release's stock forward passes to attention (drop them): {unreachable}"
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_TYPES)

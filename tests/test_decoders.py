@@ -430,6 +430,10 @@ def test_allow_untested_refuses_and_restores_a_model_that_fails_the_identity_che
     assert not any(
         hook.__name__ == "hand_on_rotary_embeddings" for m in model.modules() for hook in m._forward_pre_hooks.values()
     )
+    assert not any(
+        hook.__name__ == "attach_rotation_coefficients" for m in model.modules() for hook in m._forward_hooks.values()
+    )
+    assert not any(hasattr(m, "gpam_rotation_hooked") for m in model.modules())
     assert all(type(m).__name__ != "GpamStarcoder2Attention" for m in model.modules())
     assert model.state_dict().keys() == state.keys()
     assert all(m.config is model.config for m in model.modules() if hasattr(m, "config"))

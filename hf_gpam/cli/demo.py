@@ -53,15 +53,18 @@ def run(args: argparse.Namespace) -> int:
     drift = (patched_logits - stock_logits).abs().max().item()
     print(f"2. patch_model -> {type(patched).__name__}; max |logit change| at λ=0: {drift:.2e}")
 
-    output_dir = args.output_dir or tempfile.mkdtemp(prefix="hf_gpam_demo_")
-    patched.save_pretrained(output_dir)
-    print(f"3. saved to {output_dir}: {', '.join(sorted(os.listdir(output_dir)))}")
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", RELOAD_SCRIPT, os.path.abspath(output_dir), json.dumps(ids.tolist())],
-        capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), check=False,
-    )
+    # without --output_dir the checkpoint goes to a temporary folder that is removed when the demo ends
+    with tempfile.TemporaryDirectory(prefix="hf_gpam_demo_") as scratch:
+        output_dir = args.output_dir or scratch
+        patched.save_pretrained(output_dir)
+        kept = "" if args.output_dir else " (a temporary folder, removed at the end; --output_dir keeps one)"
+        print(f"3. saved to {output_dir}{kept}: {', '.join(sorted(os.listdir(output_dir)))}")
+        # the reload's copy of the modeling code goes to the temporary folder too, not to ~/.cache/huggingface/modules
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "HF_MODULES_CACHE": os.path.join(scratch, "modules")}
+        result = subprocess.run(
+            [sys.executable, "-c", RELOAD_SCRIPT, os.path.abspath(output_dir), json.dumps(ids.tolist())],
+            capture_output=True, text=True, env=env, cwd=scratch, check=False,
+        )
     if result.returncode != 0:
         print(result.stderr, file=sys.stderr)
         return 1

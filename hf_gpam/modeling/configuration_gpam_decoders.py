@@ -85,6 +85,23 @@ DECODER_FAMILIES: dict[str, DecoderFamily] = {
 }
 
 
+# the Auto class of each head, by the suffix transformers gives the stock class (here, not in the modeling file, so
+# that hf_gpam's table can name a family's Auto classes without building them)
+AUTO_CLASS_BY_SUFFIX = {
+    "ForCausalLM": "AutoModelForCausalLM",
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "Model": "AutoModel",
+}
+
+
+def auto_class_name(stock_class_name: str) -> str:
+    """``"AutoModelForCausalLM"`` for ``"LlamaForCausalLM"``; ``"AutoModel"`` for a base model."""
+    for suffix, auto_class in AUTO_CLASS_BY_SUFFIX.items():
+        if stock_class_name.endswith(suffix):
+            return auto_class
+    raise ValueError(f"{stock_class_name} is not a base model, causal LM or sequence classifier")
+
+
 def gpam_class_name(stock_name: str) -> str:
     """The GPAM twin's name of a stock class name: ``LlamaForCausalLM`` -> ``GpamLlamaForCausalLM``."""
     return f"Gpam{stock_name}"

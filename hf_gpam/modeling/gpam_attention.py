@@ -17,7 +17,8 @@ from torch import nn
 from transformers import initialization as init
 
 from .gpam_config_fields import finite_float
-from .gpam_interface import ROTARY_LAYOUTS, gpam_attn_implementation, rotary_layout
+from .gpam_interface import gpam_attn_implementation
+from .gpam_rope import ROTARY_LAYOUTS, rotary_layout
 
 
 class GpamLambda(nn.Module):
@@ -120,7 +121,7 @@ def hand_on_rotary_embeddings(module: nn.Module, args: tuple, kwargs: dict) -> t
     ``position_embeddings=(cos, sin)`` as the ``gpam_position_embeddings`` keyword.
 
     The stock forward passes its other keywords on to the attention function, which builds Q⁻ from the unrotated
-    query with them (``gpam_interface.negative_query``). A keyword rather than state kept on the module: nothing
+    query with them (``gpam_rope.negative_query``). A keyword rather than state kept on the module: nothing
     outlives the call, so the KV cache, gradient checkpointing's recomputation and ``torch.compile`` see a plain
     function of the inputs, and the stock forward is not copied.
     """

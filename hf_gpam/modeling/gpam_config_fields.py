@@ -7,6 +7,7 @@ config) and raises ``ValueError`` naming the field, the value and what is allowe
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 
@@ -14,6 +15,12 @@ GPAM_MODES = ("dagpam", "softmax")
 GPAM_NEGATIVE_INITS = ("neg_identity", "normal")
 GPAM_ATTENTION_TYPES = ("self", "cross")
 GPAM_ROPE_VARIANTS = ("relative", "literal")
+# λ⁺ and λ⁻ outside this range are accepted with a warning, not refused: the maths is defined for any finite λ.
+# Below -1, (1 + λ⁺) < 0 puts the ordinary map in with a negative weight (the roles of the two maps swap); above 10,
+# P_G = (1 + λ⁺)P⁺ − λ⁻P⁻ is a difference of two large multiples of nearly equal maps, so outputs and gradients grow
+# with λ and half-precision rounding is multiplied by it. The defaults are 0.5 (new models) and 0.0 (patching); a
+# value far outside the range is far more likely a typo (1e9 for 1e-9) than a choice.
+GPAM_LAMBDA_SENSIBLE_RANGE = (-1.0, 10.0)
 
 
 def finite_float(name: str, value) -> float:
@@ -100,6 +107,15 @@ class GpamConfigFields:
             if value is None and name == "gpam_lambda_neg_init":
                 continue
             setattr(self, name, finite_float(name, value))
+            low, high = GPAM_LAMBDA_SENSIBLE_RANGE
+            if not low <= getattr(self, name) <= high:
+                warnings.warn(
+                    f"{name}={value!r} is outside the sensible range [{low:g}, {high:g}] of λ (gpam_config_fields."
+                    "GPAM_LAMBDA_SENSIBLE_RANGE says why): the attention map P_G = (1+λ⁺)P⁺ − λ⁻P⁻ then swaps the "
+                    "roles of its two maps or scales outputs and gradients by λ. Defaults: 0.5 (new models), 0.0 (patching).",
+                    UserWarning,
+                    stacklevel=3,
+                )
         for name in ("gpam_tie_lambda", "gpam_lambda_trainable"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")

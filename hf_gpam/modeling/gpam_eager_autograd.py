@@ -64,11 +64,6 @@ def fast_path_refusal(query, key, value, q_neg, attention_mask, upcast: bool) ->
     return None
 
 
-def fast_path_applies(query, key, value, q_neg, attention_mask, upcast: bool) -> bool:
-    """Whether ``EagerGpamFunction`` computes exactly what the composed eager path would."""
-    return fast_path_refusal(query, key, value, q_neg, attention_mask, upcast) is None
-
-
 def _batched_row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # Σ_j a[..., i, j] · b[..., i, j] without an elementwise temporary: (…, Tq, 1, Tk) @ (…, Tq, Tk, 1)
     return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)

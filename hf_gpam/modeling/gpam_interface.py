@@ -26,6 +26,9 @@ No stock ``forward`` is copied: when transformers renames something inside its a
 ``past_key_values=`` to ``cache=``), the stock forward still does it right, and daGPAM only sees the keywords that
 reach the attention function. Each keyword is handled explicitly (``KEYWORD_POLICY``); an unknown one is an error,
 never silently swallowed.
+
+Two concerns live in modules of their own: the RoPE reading of Q⁻ (``gpam_rope``) and the packed-row guard
+(``gpam_packed_rows``), which every daGPAM function here calls (eager, sdpa and the wrapper, so flex and flash too).
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.integrations.flash_attention import flash_attention_forward
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .gpam_ops import broadcasts_over_queries, combine_dual_attention, eager_gpam_attention, sdpa_gpam_attention
+from .gpam_packed_rows import check_packed_rows_are_separated
+from .gpam_rope import negative_query, relative_position_embeddings
 from .gpam_version import check_transformers_version
 
 
@@ -61,10 +66,14 @@ GPAM_BACKEND_PREFIX = "gpam_"
 #   "mask"      already encoded in the attention mask transformers built from it (sliding windows, packed
 #               sequences), which both maps share; the flash-only packing metadata is redundant with that mask.
 #               position_ids are also checked: rows that pack several sequences need a mask that separates them
+#               (gpam_packed_rows)
 #   "ignored"   output / cache / loss arguments that do not change attention; stock eager and sdpa ignore them too
 #   "paged"     continuous batching's paged-cache bookkeeping: ignored by gpam_eager / gpam_sdpa (the mask describes
 #               the batch), passed on by the dual-attention wrapper; the packed-row check is skipped (paged K/V are not
 #               laid out by position)
+#   "kv_cache"  continuous batching's paged KV cache, which 5.19-5.23 hand to the attention function (5.24+ update it
+#               in the attention module): gpam_eager / gpam_sdpa write K/V into it and attend over the K/V it returns,
+#               as stock sdpa does (update_paged_cache); the wrapper passes it on to the stock function
 #   "refused"   raises ValueError when set (not None): daGPAM has no definition for it yet
 KEYWORD_POLICY = {
     "softcap": "applied",
@@ -101,6 +110,7 @@ KEYWORD_POLICY = {
     "block_table": "paged",
     "logits_indices": "paged",
     "logits_processor_args": "paged",
+    "cache": "kv_cache",
     # attention sinks: GPT-OSS-style families (reachable through patch_model(allow_untested=True))
     "s_aux": "refused",
 }
@@ -110,22 +120,30 @@ REFUSED_REASONS = {
 
 
 # attention functions that serving engines register under their own names and that run an attention layer of the
-# engine's instead of the model's heads: the 2H-head layout cannot reach it, so the model would compute plain softmax
-# attention (or fail on a shape). Refused by name, in one line.
+# engine's, built with the model's H query heads: the 2H-head layout cannot reach it, so the model would compute plain
+# softmax attention (or fail on a shape). Refused by name, in one line, unless the engine's integration registered the
+# daGPAM function gpam_<name> itself with 2H-head layers (hf_gpam's vLLM plugin registers gpam_vllm).
 FOREIGN_ATTENTION_BACKENDS = {
-    "vllm": "vLLM's Transformers modeling backend (model_impl='transformers', or vLLM's fallback for an architecture "
-    "it does not know)",
-    "vllm_mla": "vLLM's Transformers modeling backend (model_impl='transformers')",
+    "vllm": "vLLM's stock Transformers modeling backend (model_impl='transformers', or vLLM's fallback for an "
+    "architecture it does not know)",
+    "vllm_mla": "vLLM's Transformers modeling backend with multi-head latent attention",
 }
 
 
-def foreign_backend_error(backend: str, model_name: str = "a daGPAM model") -> ValueError:
+def foreign_backend_error(backend: str, model_name: str = "a daGPAM model", encoder_decoder: bool = False) -> ValueError:
     """The one-line error for a backend of ``FOREIGN_ATTENTION_BACKENDS``."""
+    if encoder_decoder:
+        return ValueError(
+            f"{model_name} is an encoder-decoder daGPAM model, which vLLM cannot serve (vLLM has no model of its own "
+            "for BART or Marian, and its Transformers backend runs decoder-only models). Run it with transformers: "
+            "model.generate(...) or pipeline('translation', model=...). (hf-gpam serve, which is transformers serve, "
+            "serves causal LMs only: it cuts the prompt's length off every output.)"
+        )
     return ValueError(
-        f"{model_name} cannot run on {FOREIGN_ATTENTION_BACKENDS[backend]}: it replaces the attention function with "
-        "its own and would compute plain softmax attention, not daGPAM. Serve Llama, Mistral, Qwen2 and Qwen3 GPAM "
-        "checkpoints with hf_gpam's vLLM plugin (pip install 'hf_gpam[vllm]', and leave model_impl at 'auto' or "
-        "'vllm'), or run the model in transformers (generate, generate_batch, hf-gpam serve)."
+        f"{model_name} cannot run on {FOREIGN_ATTENTION_BACKENDS[backend]}: it gives each attention module a layer "
+        "of H query heads and would compute plain softmax attention, not daGPAM. Serve daGPAM causal LMs with "
+        "hf_gpam's vLLM plugin (pip install 'hf_gpam[vllm]', and leave model_impl at 'auto'), or run the model in "
+        "transformers (generate, generate_batch, hf-gpam serve)."
     )
 
 
@@ -140,9 +158,9 @@ def gpam_attn_implementation(stock_name: str | None) -> str:
         return GPAM_ATTN_IMPLEMENTATIONS["sdpa"]
     if stock_name.startswith(GPAM_BACKEND_PREFIX):
         return stock_name
-    if stock_name in FOREIGN_ATTENTION_BACKENDS:
-        raise foreign_backend_error(stock_name)
     name = GPAM_ATTN_IMPLEMENTATIONS.get(stock_name, GPAM_BACKEND_PREFIX + stock_name)
+    if stock_name in FOREIGN_ATTENTION_BACKENDS and name not in ALL_ATTENTION_FUNCTIONS:
+        raise foreign_backend_error(stock_name)
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, dual_attention_function(stock_name))
     return name
@@ -197,6 +215,17 @@ def check_attention_keywords(kwargs: dict, backend: str) -> dict:
     return applied
 
 
+def update_paged_cache(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, kwargs: dict):
+    """``(key, value)`` after the paged cache in ``kwargs["cache"]`` (continuous batching, 5.19-5.23) stored them and
+    gathered the sequences' earlier K/V, as stock sdpa does; unchanged without one. K and V are shared by both maps,
+    so the cache is updated once."""
+    cache = kwargs.get("cache")
+    if cache is None:
+        return key, value
+    # the cache reads its per-layer read / write indices from the keywords and rewrites some of them: a copy
+    return cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=dict(kwargs))
+
+
 def _key_value_groups(query: torch.Tensor, key: torch.Tensor) -> int:
     # grouped-query attention: H query heads share H_kv key/value heads, H = n_rep · H_kv
     heads, kv_heads = query.shape[1], key.shape[1]
@@ -205,242 +234,17 @@ def _key_value_groups(query: torch.Tensor, key: torch.Tensor) -> int:
     return heads // kv_heads
 
 
-ROTARY_LAYOUTS = ("half", "interleaved")
-
-
-def _rotate_pairs(x: torch.Tensor, layout: str) -> torch.Tensor:
-    # "half": dims i and i + R/2 form one rotated pair (Llama, Qwen, Gemma, Phi-3, GPT-NeoX, OLMo2: every RoPE
-    # family of the table); "interleaved": dims 2i and 2i + 1 do (Cohere, GPT-J)
-    if layout == "half":
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    if layout == "interleaved":
-        return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-    raise ValueError(f"rotary layout {layout!r} is not one of {', '.join(map(repr, ROTARY_LAYOUTS))}")
-
-
-def rotate_query(
-    query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False, layout: str = "half"
-) -> torch.Tensor:
-    """RoPE (or its inverse) on the first R = ``cos.shape[-1]`` dims of ``query`` (B, H, T, D); the rest pass through.
-
-    ``cos`` and ``sin`` are (B, T, R), as a stock rotary embedding returns them; R < D is partial rotary (GPT-NeoX
-    ``rotary_pct``, Phi-3 ``partial_rotary_factor``). ``layout`` says which dims form a rotated pair (see
-    ``ROTARY_LAYOUTS``; ``rotary_layout`` finds it for a stock attention class). RoPE scales each pair by
-    a = √(cos² + sin²) (1 for plain RoPE, the attention factor of YaRN-style scalings), so the inverse rotates back
-    and divides by a², which undoes the forward map exactly up to rounding.
-    """
-    rotary = cos.shape[-1]
-    # (B, T, R) -> (B, 1, T, R): the same angles for every head
-    cos, sin = cos.unsqueeze(1).to(query.dtype), sin.unsqueeze(1).to(query.dtype)
-    rot, passed = query[..., :rotary], query[..., rotary:]
-    if inverse:
-        rotated = (rot * cos - _rotate_pairs(rot, layout) * sin) / (cos * cos + sin * sin)
-    else:
-        rotated = rot * cos + _rotate_pairs(rot, layout) * sin
-    return rotated if rotary == query.shape[-1] else torch.cat((rotated, passed), dim=-1)
-
-
-_ROTARY_LAYOUTS: dict[type, str | None] = {}
-
-
-def rotary_layout(attention_class: type, head_dim: int) -> str | None:
-    """The rotary layout (``"half"`` or ``"interleaved"``) of a stock attention class, or None if neither fits.
-
-    Read off the ``apply_rotary_pos_emb`` of the transformers modeling file that defines the class: it rotates a
-    random query with random angles laid out as each candidate layout lays them out (``cat(θ, θ)`` for "half",
-    ``repeat_interleave(θ, 2)`` for "interleaved"), and the layout whose rotation ``rotate_query`` reproduces is
-    the class's. None when the file has no such function, or it matches neither (the relative reading of Q⁻ cannot
-    be computed then).
-    """
-    if attention_class in _ROTARY_LAYOUTS:
-        return _ROTARY_LAYOUTS[attention_class]
-    apply_rotary = None
-    for base in attention_class.__mro__:
-        if base.__module__.startswith("transformers."):
-            apply_rotary = getattr(sys.modules.get(base.__module__), "apply_rotary_pos_emb", None)
-            if apply_rotary is not None:
-                break
-    found = None
-    if apply_rotary is not None and head_dim % 2 == 0:
-        generator = torch.Generator().manual_seed(0)
-        # (1, 1, T, D) query, T = 3 positions with distinct angles per pair; on the CPU explicitly, since models are
-        # often built under a meta-device context (from_pretrained)
-        query = torch.randn(1, 1, 3, head_dim, generator=generator, dtype=torch.float64, device="cpu")
-        angles = torch.rand(1, 3, head_dim // 2, generator=generator, dtype=torch.float64, device="cpu") * 6.0
-        for layout in ROTARY_LAYOUTS:
-            spread = torch.cat((angles, angles), -1) if layout == "half" else angles.repeat_interleave(2, -1)
-            cos, sin = spread.cos(), spread.sin()
-            try:
-                rotated = apply_rotary(query, query, cos, sin)[0]
-            except Exception:  # a signature this probe does not know: no layout, 'relative' is refused
-                break
-            if rotated.shape == query.shape and torch.allclose(rotated, rotate_query(query, cos, sin, layout=layout)):
-                found = layout
-                break
-    _ROTARY_LAYOUTS[attention_class] = found
-    return found
-
-
-def negative_query(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    upcast: bool = False,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Q⁻, (B, H, Tq, D), through the module call so that wrappers (PEFT's LoRA) take part.
-
-    Without ``position_embeddings``: Q⁻ = ReLU(Q⁺) W⁻ from the query as it enters the softmax (the spec, and
-    ``gpam_rope_variant="literal"`` in RoPE families). With the ``(cos, sin)`` the stock forward rotated the query
-    with (``gpam_rope_variant="relative"``): Q̃ = RoPE⁻¹(Q⁺) is the query before rotation, and
-    Q⁻ = RoPE(ReLU(Q̃) W⁻) is rotated with the same positions as Q⁺ and K, so P⁻ depends on i − j only, like P⁺.
-
-    With ``upcast`` (GPT-2's ``reorder_and_upcast_attn``) the projection runs outside autocast in the weight's
-    precision: Q⁻ feeds the negative map's scores, which that option computes in float32.
-    """
-    if position_embeddings is not None:
-        cos, sin = position_embeddings
-        layout = getattr(module, "gpam_rotary_layout", "half")
-        # the rotations in at least float32: in bf16 the inverse alone adds about 1 % relative error to Q⁻
-        work = torch.promote_types(query.dtype, torch.float32)
-        if layout == "half":
-            return relative_negative_query(module, query, cos, sin, work)
-        unrotated = rotate_query(query.to(work), cos.to(work), sin.to(work), inverse=True, layout=layout)
-        projected = _project(module, F.relu(unrotated).to(query.dtype))
-        return rotate_query(projected.to(work), cos.to(work), sin.to(work), layout=layout).to(query.dtype)
-    if not upcast:
-        return _project(module, F.relu(query))
-    with torch.autocast(query.device.type, enabled=False):
-        return module.gpam_q_neg(F.relu(query).to(module.gpam_q_neg.weight.dtype))
-
-
-# the rotation coefficients of the last (cos, sin) pair seen: every layer of a forward pass gets the same two tensors
-# from the model's rotary embedding, so they are derived once per pass instead of once per layer
-_ROTATION_COEFFICIENTS: dict = {}
-
-
-def half_rotation_coefficients(cos: torch.Tensor, sin: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """``(c, s, c_inv, s_inv)``, each (B, 1, T, R), for the "half" rotary layout in dtype ``work``.
-
-    With r = ``roll(x, R/2)`` (the two halves of the rotated dims swapped), RoPE is ``x·c + r·s`` and its inverse
-    ``x·c_inv + r·s_inv``: ``rotate_half(x)·sin`` = ``r·s`` with s = [−sin₁; sin₂], and the inverse divides by
-    a² = cos² + sin² as ``rotate_query(inverse=True)`` does. Cached for the last (cos, sin) pair: the same two tensor
-    objects at the same versions (an in-place change of either derives them again); never while compiling or when
-    they need gradients.
-    """
-    key = (cos, sin, cos._version, sin._version, work)
-    cached = _ROTATION_COEFFICIENTS.get("last")
-    if cached is not None and cached[0] is cos and cached[1] is sin and cached[2:5] == key[2:]:
-        return cached[5]
-    c, s = cos.to(work).unsqueeze(1), sin.to(work).unsqueeze(1)
-    half = c.shape[-1] // 2
-    s_signed = torch.cat((-s[..., :half], s[..., half:]), dim=-1)
-    inverse_scale = torch.reciprocal(c * c + s * s)
-    coefficients = (c, s_signed, c * inverse_scale, -s_signed * inverse_scale)
-    if not (cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling()):
-        _ROTATION_COEFFICIENTS["last"] = (*key, coefficients)
-    return coefficients
-
-
-def relative_negative_query(
-    module: torch.nn.Module, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, work: torch.dtype
-) -> torch.Tensor:
-    """Q⁻ = RoPE(ReLU(RoPE⁻¹(Q⁺)) W⁻) for the "half" rotary layout, in few ops: each rotation is one ``roll`` and one
-    ``addcmul`` over the query (``half_rotation_coefficients``); partial rotary dims (R < D) pass through.
-
-    Written flat, without helpers or no-op casts: in a decode step every op and Python call costs about as much as the
-    arithmetic, once per layer and token.
-    """
-    c, s, c_inv, s_inv = half_rotation_coefficients(cos, sin, work)
-    rotary, half = c.shape[-1], c.shape[-1] // 2
-    partial = rotary != query.shape[-1]
-    x = query if query.dtype == work else query.to(work)
-    part = x[..., :rotary] if partial else x
-    unrotated = torch.addcmul(part * c_inv, part.roll(half, dims=-1), s_inv)
-    if partial:
-        unrotated = torch.cat((unrotated, x[..., rotary:]), dim=-1)
-    activations = F.relu(unrotated)
-    projected = _project(module, activations if query.dtype == work else activations.to(query.dtype))
-    y = projected if projected.dtype == work else projected.to(work)
-    part = y[..., :rotary] if partial else y
-    rotated = torch.addcmul(part * c, part.roll(half, dims=-1), s)
-    if partial:
-        rotated = torch.cat((rotated, y[..., rotary:]), dim=-1)
-    return rotated if rotated.dtype == query.dtype else rotated.to(query.dtype)
-
-
-def _project(module: torch.nn.Module, activations: torch.Tensor) -> torch.Tensor:
-    # W⁻ may be kept in another dtype than the activations: float32 next to a quantized base loaded in half precision,
-    # or after peft.prepare_model_for_kbit_training; outside autocast the input follows W⁻ and the result comes back
-    weight = getattr(module.gpam_q_neg, "weight", None)
-    if weight is None or weight.dtype == activations.dtype or torch.is_autocast_enabled(activations.device.type):
-        return module.gpam_q_neg(activations)
-    return module.gpam_q_neg(activations.to(weight.dtype)).to(activations.dtype)
-
-
-def relative_position_embeddings(module: torch.nn.Module, applied: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The ``(cos, sin)`` that Q⁻ must be rotated with, or None for Q⁻ = ReLU(Q⁺) W⁻.
-
-    On a RoPE family's module (``gpam_rotary``) with ``gpam_rope_variant="relative"``, a forward pre-hook
-    (``gpam_attention.hand_on_rotary_embeddings``) hands them on as ``gpam_position_embeddings``; families without
-    RoPE ignore the variant.
-    """
-    if getattr(module, "gpam_rope_variant", "literal") != "relative" or not getattr(module, "gpam_rotary", False):
-        return None
-    position_embeddings = applied.get("gpam_position_embeddings")
-    if position_embeddings is None:
-        raise ValueError(
-            f"gpam_rope_variant='relative' needs the rotary embeddings (cos, sin) the stock {type(module).__name__} "
-            "rotates the query with, and none reached the attention function (the module was called without "
-            "position_embeddings, or its class does not hand them on). Pass position_embeddings, or use "
-            "gpam_rope_variant='literal'."
-        )
-    return position_embeddings
-
-
-def check_packed_rows_are_separated(
-    kwargs: dict, attention_mask: torch.Tensor | None, q_len: int, k_len: int, backend: str
+def check_packed_rows(
+    kwargs: dict, attention_mask, query: torch.Tensor, key: torch.Tensor, backend: str, kernel_separates: bool = False
 ) -> None:
-    """Raise ``ValueError`` when the ``position_ids`` keyword restarts at 0 inside a row but the mask lets the new
-    sequence attend to the one before it.
-
-    transformers builds a mask that separates packed sequences from ``position_ids`` only when no 2D attention mask
-    and no cache are given (``use_cache=False``), and some families (OPT) never do; stock attention then silently
-    attends across sequences. A row restarts where a position is 0 and does not follow its predecessor; the check
-    reads one mask entry per restart (query at the restart, key just before it). Left padding passes: its first
-    real token is position 0 and the key before it is padding, which the mask blocks. Skipped for single-token
-    steps, continuous batching's calls (paged K/V are not laid out by position) and while ``torch.compile`` traces (a
-    data-dependent check would break the graph).
-    """
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None or q_len < 2 or position_ids.shape[-1] != q_len or torch.compiler.is_compiling():
-        return
+    """``gpam_packed_rows.check_packed_rows_are_separated`` on an attention function's inputs; skipped for
+    continuous batching's calls (paged K/V are not laid out by position, and the mask describes the batch)."""
     if any(KEYWORD_POLICY.get(name) == "paged" and value is not None for name, value in kwargs.items()):
         return
-    # (B or 1, Tq)
-    positions = position_ids.reshape(-1, q_len)
-    restarts = (positions[:, 1:] == 0) & (positions[:, :-1] != -1)
-    if not bool(restarts.any()):
-        return
-    separated = attention_mask is not None
-    if separated:
-        rows, before = restarts.nonzero(as_tuple=True)
-        # query at the restart (before + 1) against the key just before it, in the mask's (B, H, Tq, Tk) layout
-        # (size-1 axes broadcast; queries sit at the end of the keys when a cache is in front)
-        mask = attention_mask
-        batch_index = rows if mask.shape[0] > 1 else torch.zeros_like(rows)
-        query_index = before + 1 if mask.shape[-2] > 1 else torch.zeros_like(before)
-        entries = mask[batch_index, 0, query_index, before + (k_len - q_len)]
-        allowed = entries if entries.dtype == torch.bool else entries > torch.finfo(entries.dtype).min / 2
-        separated = not bool(allowed.any())
-    if not separated:
-        raise ValueError(
-            f"daGPAM attention ({backend}): position_ids restart at 0 inside a row (several sequences packed into "
-            "one row), but the attention mask lets each sequence attend to the one before it. transformers builds "
-            "a mask that separates packed sequences only when the forward gets no attention_mask and no cache: pass "
-            "use_cache=False (and no attention_mask), as DataCollatorWithFlattening batches are meant to be used. "
-            "Families whose masks ignore position_ids (OPT) cannot run packed rows; pad them instead."
-        )
+    check_packed_rows_are_separated(
+        kwargs.get("position_ids"), attention_mask, query.shape[0], query.shape[-2], key.shape[-2], backend,
+        kernel_separates=kernel_separates,
+    )
 
 
 _STOCK_EAGER_FUNCTIONS: dict[type, Callable] = {}
@@ -492,7 +296,8 @@ def gpam_eager_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     applied = check_attention_keywords(kwargs, "eager")
-    check_packed_rows_are_separated(kwargs, attention_mask, query.shape[-2], key.shape[-2], "eager")
+    key, value = update_paged_cache(module, key, value, kwargs)
+    check_packed_rows(kwargs, attention_mask, query, key, "eager")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     upcast = bool(getattr(module, "reorder_and_upcast_attn", False))
     # Q⁻ from Q⁺ before K and V are repeated; repeat_kv is what stock eager functions do for grouped-query heads
@@ -529,7 +334,8 @@ def gpam_sdpa_attention_forward(
     if not is_gpam_attention_module(module):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     applied = check_attention_keywords(kwargs, "sdpa")
-    check_packed_rows_are_separated(kwargs, attention_mask, query.shape[-2], key.shape[-2], "sdpa")
+    key, value = update_paged_cache(module, key, value, kwargs)
+    check_packed_rows(kwargs, attention_mask, query, key, "sdpa")
     is_causal = applied.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q_len = query.shape[-2]
@@ -560,16 +366,42 @@ def gpam_sdpa_attention_forward(
     return output.transpose(1, 2).contiguous(), None
 
 
+class StockBackendConfig:
+    """A model config as a stock attention function sees it through the dual-attention wrapper: every attribute is
+    the model config's, except ``_attn_implementation``, which is the stock backend name.
+
+    The daGPAM module's own config view names the daGPAM function (``gpam_flash_attention_2``); stock functions that
+    read the name back (flash attention's ``lazy_import_flash_attention``, Hub kernels) must see the stock one.
+    """
+
+    def __init__(self, config, stock_name: str):
+        # the model config behind a daGPAM config view (gpam_attention.GpamAttentionConfig), duck-typed: remote code
+        # brings its own copy of that class
+        config = config.__dict__.get("gpam_model_config", config) if config is not None else None
+        self.__dict__.update(gpam_model_config=config, _attn_implementation=stock_name)
+
+    def __getattr__(self, name: str):
+        config = self.__dict__["gpam_model_config"]
+        if config is None:
+            raise AttributeError(name)
+        return getattr(config, name)
+
+    def __repr__(self) -> str:
+        return f"StockBackendConfig({type(self.gpam_model_config).__name__}, backend {self._attn_implementation!r})"
+
+
 class DoubledQueryHeads:
     """An attention module as a stock attention function sees it when called with 2H query heads.
 
     Every attribute is the module's, except ``num_key_value_groups``: the stock functions repeat K/V heads by it (eager,
     paged eager) or derive grouped-query attention from the shapes (sdpa, flex, flash), and the doubled layout has
-    2n query heads per K/V head.
+    2n query heads per K/V head; and ``config``, whose ``_attn_implementation`` is the stock name ``stock_name``
+    (``StockBackendConfig``).
     """
 
-    def __init__(self, module: torch.nn.Module, groups: int):
-        self.__dict__.update(module=module, num_key_value_groups=groups)
+    def __init__(self, module: torch.nn.Module, groups: int, stock_name: str):
+        config = StockBackendConfig(getattr(module, "config", None), stock_name)
+        self.__dict__.update(module=module, num_key_value_groups=groups, config=config)
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["module"], name)
@@ -602,6 +434,11 @@ def stock_attention_function(stock_name: str, module: torch.nn.Module) -> Callab
     return ALL_ATTENTION_FUNCTIONS.get_interface(stock_name, stock_eager_attention_function(module))
 
 
+def is_flash_attention_function(function: Callable) -> bool:
+    """Whether ``function`` is transformers' flash attention wrapper (flash 2/3/4 and the Hub kernels it loads)."""
+    return function is flash_attention_forward
+
+
 def dual_attention_function(stock_name: str) -> Callable:
     """The daGPAM function ``gpam_<stock_name>``: the stock function of ``stock_name`` over 2H query heads.
 
@@ -626,11 +463,18 @@ def dual_attention_function(stock_name: str) -> Callable:
             return stock(module, query, key, value, attention_mask, **kwargs)
         applied = check_attention_keywords({k: v for k, v in kwargs.items() if k not in ("dropout", "scaling")},
                                            stock_name)
+        # flash attention separates packed rows itself from position_ids (or cu_seq_lens) when it gets no mask
+        kernel_separates = is_flash_attention_function(stock) and (
+            kwargs.get("cu_seq_lens_q") is not None or (query.shape[0] == 1 and query.shape[-2] == key.shape[-2])
+        )
+        check_packed_rows(kwargs, attention_mask, query, key, stock_name, kernel_separates=kernel_separates)
         passed = {name: v for name, v in kwargs.items() if name != "gpam_position_embeddings"}
         query_neg = negative_query(module, query, position_embeddings=relative_position_embeddings(module, applied))
         kv_heads, groups = key.shape[1], _key_value_groups(query, key)
         doubled = double_query_heads(query, query_neg, kv_heads)
-        output, weights = stock(DoubledQueryHeads(module, 2 * groups), doubled, key, value, attention_mask, **passed)
+        output, weights = stock(
+            DoubledQueryHeads(module, 2 * groups, stock_name), doubled, key, value, attention_mask, **passed
+        )
         # outputs come back (B, Tq, 2H, D), maps (where the backend returns any) (B, 2H, Tq, Tk): the signed P_G
         lambdas = module.gpam_lambda()
         combined = combine_doubled_heads(output.transpose(1, 2), *lambdas, kv_heads).transpose(1, 2)
@@ -663,7 +507,10 @@ def register_gpam_attention(replace: bool) -> None:
     # the wrapper for every other backend transformers has now (others, e.g. Hub kernels, on first use)
     for stock in list(ALL_ATTENTION_FUNCTIONS.valid_keys()):
         name = GPAM_BACKEND_PREFIX + stock
-        if stock not in GPAM_ATTN_IMPLEMENTATIONS and not stock.startswith(GPAM_BACKEND_PREFIX):
+        # engines' own functions (FOREIGN_ATTENTION_BACKENDS) get their daGPAM function from the engine integration
+        if stock not in GPAM_ATTN_IMPLEMENTATIONS and stock not in FOREIGN_ATTENTION_BACKENDS and not stock.startswith(
+            GPAM_BACKEND_PREFIX
+        ):
             if replace or name not in ALL_ATTENTION_FUNCTIONS:
                 AttentionInterface.register(name, dual_attention_function(stock))
 

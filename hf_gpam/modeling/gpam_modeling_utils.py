@@ -4,6 +4,7 @@ initialisation of the daGPAM parameters (also on load), and a few accessors."""
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -11,22 +12,21 @@ from torch import nn
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .gpam_attention import GpamAttentionMixin, convert_attention_module
-from .gpam_interface import FOREIGN_ATTENTION_BACKENDS, foreign_backend_error, stock_attn_implementation
+from .gpam_rope import register_rotation_coefficients
+from .gpam_gguf import load_gguf_into_gpam_class, quantization_method
+from .gpam_loading import check_checkpoint_family, check_model_source, stock_checkpoint_lambda_warning
+from .gpam_interface import (
+    FOREIGN_ATTENTION_BACKENDS,
+    foreign_backend_error,
+    gpam_attn_implementation,
+    stock_attn_implementation,
+)
 
 
 # quantization method -> the field of its config listing modules the quantizer must leave alone
 QUANTIZATION_SKIP_FIELDS = {"bitsandbytes": "llm_int8_skip_modules", "torchao": "modules_to_not_convert"}
 # daGPAM's own weights, never quantized: W⁻ stays in the compute dtype and trains, λ stays float32
 GPAM_UNQUANTIZED_MODULES = ("gpam_q_neg", "gpam_lambda")
-
-
-def quantization_method(config) -> str | None:
-    """The ``quant_method`` of ``config.quantization_config`` ("bitsandbytes", "torchao", ...), or None."""
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is None:
-        return None
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
-    return getattr(method, "value", method)
 
 
 def check_quantization_method(config) -> str | None:
@@ -55,7 +55,12 @@ def keep_gpam_weights_unquantized(model) -> None:
         return
     field = QUANTIZATION_SKIP_FIELDS[method]
     # from_pretrained(..., quantization_config=...): the quantizer about to convert this model's nn.Linear modules
-    # skips the ones named here too (its own config object is not this model's yet)
+    # cannot be told through its own skip list. It holds the caller's config object, while the model is built from a
+    # deep copy of the config; its list cannot be filled before the model exists either, since a list that is set
+    # replaces the quantizer's defaults (get_keys_to_not_convert(model): the output embeddings, tied weights). The one
+    # model-side input of its skip list is model._keep_in_fp32_modules (get_modules_to_not_convert(model,
+    # <config's skip list>, model._keep_in_fp32_modules), bitsandbytes and torchao alike), so W⁻ is named there. Its
+    # other effect is wanted too: under dtype=float16 transformers loads W⁻ in float32 next to the quantized base.
     model._keep_in_fp32_modules = set(model._keep_in_fp32_modules or ()) | {"gpam_q_neg"}
     # imported here: transformers' quantizer module imports the quantization libraries it finds
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -85,6 +90,25 @@ def register_output_capture(model_class: type) -> None:
     dict.__setitem__(_CAN_RECORD_REGISTRY, str(model_class), model_class._can_record_outputs)
 
 
+def become_gpam_model(model: nn.Module, gpam_class: type, gpam_config, stock_config) -> None:
+    """Turn a loaded stock ``model`` into ``gpam_class`` in place, with ``gpam_config`` (the stock fields plus the
+    ``gpam_*`` ones): what ``hf_gpam.patch_model`` and ``GpamXxx.from_pretrained(gguf_file=...)`` share.
+
+    Every sub-module that shares ``stock_config`` (encoder, decoder, attention modules) sees the GPAM config, the model
+    keeps its stock backend name, output capture is registered for the class (the registry is filled in
+    ``PreTrainedModel.__init__``, which a class swap skips), and the selected attention modules are converted.
+    """
+    gpam_config._attn_implementation = stock_config._attn_implementation
+    gpam_config.name_or_path = stock_config.name_or_path
+    gpam_config.architectures = [gpam_class.__name__]
+    for module in model.modules():
+        if getattr(module, "config", None) is stock_config:
+            module.config = gpam_config
+    model.__class__ = gpam_class
+    register_output_capture(gpam_class)
+    model.convert_to_gpam()
+
+
 class GpamModelMixin:
     """Placed first in the bases of every GPAM model class (``class GpamBartModel(GpamModelMixin, BartModel)``).
 
@@ -93,13 +117,14 @@ class GpamModelMixin:
     """
 
     gpam_attention_class: type = None
+    # encoder-decoder families (GpamSeq2SeqModelMixin), which serving engines for causal LMs cannot run
+    gpam_encoder_decoder: bool = False
     # set where the stock class leaves ``loss_type`` unresolved
     gpam_loss_type: str | None = None
     # every backend the stock class supports runs daGPAM (gpam_interface): eager and sdpa through their own daGPAM
     # functions, the others (flex, flash, paged, Hub kernels) through the dual-attention wrapper; the stock
-    # _supports_* flags stand. Not a backend for serving engines that bring their own attention layer (the flag's
-    # meaning: "can be used as an efficient backend in TGI and vLLM"), see is_backend_compatible.
-    _supports_attention_backend = False
+    # _supports_* flags stand, _supports_attention_backend included. Serving engines that bring their own attention
+    # layer are refused in is_backend_compatible, unless their integration provides the 2H-head layers (vLLM plugin).
     # λ is a handful of numbers per layer whose updates would be rounded away in half precision: float32 whatever
     # dtype the model is loaded in (fp16 and bf16: the strict list), and through .to() / .half() (GpamLambda._apply)
     _keep_in_fp32_modules_strict = ["gpam_lambda"]
@@ -113,18 +138,23 @@ class GpamModelMixin:
 
     @classmethod
     def is_backend_compatible(cls) -> bool:
-        # What vLLM asks before it runs a transformers class on its Transformers modeling backend, whose attention
-        # layer replaces the model's and would compute plain softmax. Answering False is not enough: vLLM also takes
-        # any class whose attention goes through ALL_ATTENTION_FUNCTIONS. So the question gets the reason, in the
-        # process that loads the model, before any engine starts.
-        raise foreign_backend_error("vllm", cls.__name__)
+        # What vLLM asks before it runs a transformers class on its *stock* Transformers modeling backend, whose
+        # attention layers have H query heads and would compute plain softmax (hf_gpam's vLLM plugin serves GPAM
+        # causal LMs through a class of its own, which never asks). Answering False is not enough: vLLM also takes any
+        # class whose attention goes through ALL_ATTENTION_FUNCTIONS. So the question gets the reason, in the process
+        # that loads the model, before any engine starts.
+        raise foreign_backend_error("vllm", cls.__name__, encoder_decoder=cls.gpam_encoder_decoder)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         # The public hook through which transformers resolves every requested backend (construction,
         # from_pretrained, set_attn_implementation). The model config holds the stock name; the daGPAM names release
         # 0.2 used ("gpam_sdpa", "gpam_eager") are accepted for the stock ones.
         if requested_attention in FOREIGN_ATTENTION_BACKENDS:
-            raise foreign_backend_error(requested_attention, type(self).__name__)
+            # refused unless an engine integration registered its daGPAM function (hf_gpam's vLLM plugin)
+            try:
+                gpam_attn_implementation(requested_attention)
+            except ValueError:
+                raise foreign_backend_error(requested_attention, type(self).__name__) from None
         return super().get_correct_attn_implementation(stock_attn_implementation(requested_attention), is_init_check)
 
     def convert_to_gpam(self) -> None:
@@ -137,12 +167,26 @@ class GpamModelMixin:
         for layer_idx, kind, module in self.gpam_attention_sites():
             if self.config.gpam_layer_enabled(layer_idx, kind) and not isinstance(module, GpamAttentionMixin):
                 convert_attention_module(module, self.gpam_attention_class, self.config)
+        # the relative RoPE reading's rotation coefficients, derived once per forward where cos/sin are made
+        register_rotation_coefficients(self)
         keep_gpam_weights_unquantized(self)
         if self.gpam_loss_type is not None:
             self.loss_type = self.gpam_loss_type
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        # before anything is built or downloaded: a missing local folder, a checkpoint of another family, a stock
+        # checkpoint whose outputs λ ≠ 0 would change (gpam_loading)
+        name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        check_model_source(name)
+        if name is not None and kwargs.get("gguf_file") is None:
+            model_type = check_checkpoint_family(cls, name, kwargs)
+            lambda_warning = stock_checkpoint_lambda_warning(cls, name, model_type, kwargs)
+            if lambda_warning is not None:
+                warnings.warn(lambda_warning, UserWarning, stacklevel=2)
+        # a GGUF file: transformers keys its tensor names by the stock model_type, so the stock class loads it
+        if kwargs.get("gguf_file") is not None:
+            return load_gguf_into_gpam_class(cls, *args, **kwargs)
         # a stock checkpoint loaded with a device_map that offloads layers to disk (or to the CPU next to GPUs): the
         # gpam_* weights are missing from it, and transformers initialises missing weights of offloaded layers on the
         # meta device only, so accelerate's hooks would fail at the first forward (KeyError). Say so at load time,
@@ -227,6 +271,7 @@ class GpamSeq2SeqModelMixin(GpamModelMixin):
     """
 
     gpam_submodel_classes: dict[type, type] = {}
+    gpam_encoder_decoder = True
 
     def convert_to_gpam(self) -> None:
         super().convert_to_gpam()

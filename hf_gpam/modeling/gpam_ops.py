@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .gpam_eager_autograd import EagerGpamFunction, fast_path_refusal
 
 
-def negative_query(query: torch.Tensor, q_neg_weight: torch.Tensor) -> torch.Tensor:
+def negative_query_from_weight(query: torch.Tensor, q_neg_weight: torch.Tensor) -> torch.Tensor:
     """Q⁻ = ReLU(Q⁺) W⁻ for ``query`` of shape (B, H, Tq, D); W⁻ is shared by all heads."""
     return F.linear(F.relu(query), q_neg_weight)
 
@@ -140,7 +140,8 @@ def eager_gpam_attention(
 
     Args:
         query: Q⁺ (B, H, Tq, D). key, value: (B, H, Tk, D).
-        query_neg: Q⁻ = ReLU(Q⁺) W⁻ (B, H, Tq, D), see ``negative_query``.
+        query_neg: Q⁻ = ReLU(Q⁺) W⁻ (B, H, Tq, D), see ``negative_query_from_weight`` (``gpam_rope.negative_query``
+            for a module).
         attention_mask: additive float or boolean (True = attend) mask broadcastable to (B, H, Tq, Tk).
         is_causal: apply a bottom-right aligned causal mask on top of ``attention_mask``.
         dropout_p: dropout on the combined map P_G, in [0, 1] (pass 0.0 at inference): one keep-mask over the
@@ -160,7 +161,7 @@ def eager_gpam_attention(
     ```python
     >>> q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
     >>> lam = torch.full((2,), 0.5)
-    >>> out, p_gpam = eager_gpam_attention(q, k, v, negative_query(q, -torch.eye(8)), lam, lam, scaling=8**-0.5)
+    >>> out, p_gpam = eager_gpam_attention(q, k, v, negative_query_from_weight(q, -torch.eye(8)), lam, lam, scaling=8**-0.5)
     >>> out.shape, p_gpam.shape
     (torch.Size([1, 2, 5, 8]), torch.Size([1, 2, 5, 5]))
     ```

@@ -28,26 +28,17 @@ from torch import nn
 from transformers import GenerationMixin
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-from .configuration_gpam_decoders import DECODER_FAMILIES, DecoderFamily, gpam_class_name, gpam_config_class
+from .configuration_gpam_decoders import (  # noqa: F401  (AUTO_CLASS_BY_SUFFIX: imported from here before 0.4)
+    AUTO_CLASS_BY_SUFFIX,
+    DECODER_FAMILIES,
+    DecoderFamily,
+    auto_class_name,
+    gpam_class_name,
+    gpam_config_class,
+)
 from .gpam_attention import GpamAttentionMixin
 from .gpam_interface import stock_attn_implementation
 from .gpam_modeling_utils import GpamModelMixin
-
-
-# the Auto class of each head, by the suffix transformers gives the stock class
-AUTO_CLASS_BY_SUFFIX = {
-    "ForCausalLM": "AutoModelForCausalLM",
-    "ForSequenceClassification": "AutoModelForSequenceClassification",
-    "Model": "AutoModel",
-}
-
-
-def auto_class_name(stock_class_name: str) -> str:
-    """``"AutoModelForCausalLM"`` for ``"LlamaForCausalLM"``; ``"AutoModel"`` for a base model."""
-    for suffix, auto_class in AUTO_CLASS_BY_SUFFIX.items():
-        if stock_class_name.endswith(suffix):
-            return auto_class
-    raise ValueError(f"{stock_class_name} is not a base model, causal LM or sequence classifier")
 
 
 class GpamDecoderModelMixin(GpamModelMixin):

@@ -8,7 +8,7 @@ hf_gpam never does it.
 
 from __future__ import annotations
 
-import transformers
+import importlib
 
 from ..architectures import ARCHITECTURES
 
@@ -19,10 +19,12 @@ SERVE_BINDING_ENV = "HF_GPAM_SERVE_BINDING"
 
 def bind_gpam_classes_to_transformers() -> list[str]:
     """Make ``getattr(transformers, "GpamLlamaForCausalLM")`` (and every other GPAM model class) resolve, in this
-    process; return the names bound. Used by ``hf-gpam serve`` only: importing hf_gpam never does it."""
-    names = []
-    for architecture in ARCHITECTURES.values():
-        for gpam_class in architecture.model_classes.values():
-            setattr(transformers, gpam_class.__name__, gpam_class)
-            names.append(gpam_class.__name__)
-    return names
+    process; return the names bound. Used by ``hf-gpam serve`` and the vLLM plugin only: importing hf_gpam never does
+    it."""
+    classes = [gpam_class for architecture in ARCHITECTURES.values() for gpam_class in architecture.model_classes.values()]
+    # the classes are resolved first: the first import of transformers' model code replaces sys.modules["transformers"]
+    # with a new module object (transformers 5.25), and servers look the names up on the one there now
+    module = importlib.import_module("transformers")
+    for gpam_class in classes:
+        setattr(module, gpam_class.__name__, gpam_class)
+    return [gpam_class.__name__ for gpam_class in classes]
