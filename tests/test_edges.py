@@ -170,9 +170,6 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=word(1), pad_token=word(1), eos_token=word(2))
 
 
-# stock GPT-NeoX calls its cache's update() without the keywords the paged cache needs, so continuous batching fails
-# there with or without daGPAM (transformers 5.25)
-STOCK_WITHOUT_CONTINUOUS_BATCHING = {"gpt_neox"}
 
 
 def batch_tokens(model):
@@ -214,15 +211,18 @@ def test_generation_under_inference_mode_gives_the_greedy_tokens(model_type):
         texts = [" ".join(map(word, prompt)) for prompt in PROMPTS]
         outputs = generator(texts, generation_config=batch_config(model), return_tensors=True)
         assert [o[0]["generated_token_ids"][len(p):] for o, p in zip(outputs, PROMPTS)] == expected
-    if model_type in STOCK_WITHOUT_CONTINUOUS_BATCHING:
-        stock = stock_model(model_type, attn_implementation=implementation)
-        with torch.inference_mode():
-            assert batch_tokens(stock) == [[]] * len(PROMPTS), "stock runs continuous batching now: test daGPAM too"
-        return
-    # generate_batch and the manager re-enter inference_mode; their errors are only logged, so compare tokens
+    # generate_batch and the manager re-enter inference_mode; their errors are only logged, so compare tokens. Where
+    # continuous batching fails for the stock model itself, daGPAM must fail the same way (transformers 5.19-5.20
+    # under an outer inference_mode: "Inplace update to inference tensor outside InferenceMode"; stock GPT-NeoX calls
+    # its cache's update() without the keywords the paged cache needs on 5.25), so every release of the range checks
+    # "as stock does"
+    failed = [[]] * len(PROMPTS)
+    stock = stock_model(model_type, attn_implementation=implementation)
     with torch.inference_mode():
-        assert batch_tokens(model) == expected
-    assert manager_tokens(model) == expected
+        stock_runs = batch_tokens(stock) != failed
+        assert batch_tokens(model) == (expected if stock_runs else failed)
+    stock_manager_runs = manager_tokens(stock) != failed
+    assert manager_tokens(model) == (expected if stock_manager_runs else failed)
 
 
 def relative_inputs(seed=0, dtype=torch.float64):

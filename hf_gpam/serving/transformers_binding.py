@@ -21,10 +21,13 @@ def bind_gpam_classes_to_transformers() -> list[str]:
     """Make ``getattr(transformers, "GpamLlamaForCausalLM")`` (and every other GPAM model class) resolve, in this
     process; return the names bound. Used by ``hf-gpam serve`` and the vLLM plugin only: importing hf_gpam never does
     it."""
+    # the first import of transformers' model code replaces sys.modules["transformers"] with a new module object
+    # (5.19-5.25), and code imported before that (transformers serve's model manager) keeps the old one: both get
+    # the names
+    modules = [importlib.import_module("transformers")]
     classes = [gpam_class for architecture in ARCHITECTURES.values() for gpam_class in architecture.model_classes.values()]
-    # the classes are resolved first: the first import of transformers' model code replaces sys.modules["transformers"]
-    # with a new module object (transformers 5.25), and servers look the names up on the one there now
-    module = importlib.import_module("transformers")
-    for gpam_class in classes:
-        setattr(module, gpam_class.__name__, gpam_class)
+    modules.append(importlib.import_module("transformers"))
+    for module in modules:
+        for gpam_class in classes:
+            setattr(module, gpam_class.__name__, gpam_class)
     return [gpam_class.__name__ for gpam_class in classes]
