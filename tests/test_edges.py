@@ -199,7 +199,7 @@ def manager_tokens(model):
 
 
 @pytest.mark.parametrize("model_type", ROPE_TYPES)
-def test_generation_under_inference_mode_gives_the_greedy_tokens(model_type):
+def test_generation_under_inference_mode_gives_the_greedy_tokens(model_type, caplog):
     implementation = backends(model_type)[-1]
     model = gpam_causal(model_type, implementation)
     assert {m.gpam_rope_variant for m in model.gpam_modules()} == {"relative"}
@@ -212,15 +212,22 @@ def test_generation_under_inference_mode_gives_the_greedy_tokens(model_type):
         outputs = generator(texts, generation_config=batch_config(model), return_tensors=True)
         assert [o[0]["generated_token_ids"][len(p):] for o, p in zip(outputs, PROMPTS)] == expected
     # generate_batch and the manager re-enter inference_mode; their errors are only logged, so compare tokens. Where
-    # continuous batching fails for the stock model itself, daGPAM must fail the same way (transformers 5.19-5.20
-    # under an outer inference_mode: "Inplace update to inference tensor outside InferenceMode"; stock GPT-NeoX calls
-    # its cache's update() without the keywords the paged cache needs on 5.25), so every release of the range checks
-    # "as stock does"
+    # continuous batching fails for the stock model itself, daGPAM may fail the same way: under an outer
+    # inference_mode, transformers 5.19-5.20 race into "Inplace update to inference tensor outside InferenceMode" for
+    # stock models too (the error is logged, so the test reads the log); stock GPT-NeoX calls its cache's update()
+    # without the keywords the paged cache needs on 5.25 (the manager is compared with stock)
     failed = [[]] * len(PROMPTS)
-    stock = stock_model(model_type, attn_implementation=implementation)
+    caplog.clear()
     with torch.inference_mode():
-        stock_runs = batch_tokens(stock) != failed
-        assert batch_tokens(model) == (expected if stock_runs else failed)
+        got = batch_tokens(model)
+    stock = stock_model(model_type, attn_implementation=implementation)
+    if got != expected:
+        # only where stock fails too: deterministically (GPT-NeoX), or by transformers' own race (5.19-5.20)
+        race = "Inplace update to inference tensor outside InferenceMode" in caplog.text
+        with torch.inference_mode():
+            stock_failed = batch_tokens(stock) == failed
+        # the race kills transformers' generation thread, whatever the model: nothing to compare then
+        assert race or (got == failed and stock_failed), caplog.text[-3000:]
     stock_manager_runs = manager_tokens(stock) != failed
     assert manager_tokens(model) == (expected if stock_manager_runs else failed)
 
