@@ -83,7 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--block", type=int, default=128, help="tokens per training / evaluation row")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of LoRA and λ (λ: times --fast_lambda_scale in one variant)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3,
+        help="peak learning rate of LoRA and λ (λ's is multiplied by --fast_lambda_scale in one variant)",
+    )
     parser.add_argument("--warmup_steps", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the q/v-only variants")
     parser.add_argument("--fixed_lambda", type=float, default=0.1, help="λ of the two fixed-λ variants")
