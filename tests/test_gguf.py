@@ -4,9 +4,6 @@ gguf_file=...)``, ``hf-gpam convert --gguf_file`` and the causal-LM recipe's ``-
 write are ordinary safetensors with no GGUF tag, and load with ``trust_remote_code`` where hf_gpam is absent."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 import hf_gpam
 from hf_gpam.modeling.gpam_gguf import drop_gguf_tag, is_gguf_tagged
-from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE, tiny_stock_config
+from hf_gpam.testing_utils import tiny_stock_config
+
+from .utils import remote_causal_logits
 
 
 gguf = pytest.importorskip("gguf", reason="the gguf package reads and writes GGUF files: pip install -e '.[gguf]'")
@@ -182,39 +181,6 @@ def test_gpam_class_from_pretrained_reads_a_gguf_file(gguf_folders, model_type, 
     assert (logits(lambdas, inputs) - logits(stock, inputs)).abs().max() > 1e-4
 
 
-REMOTE_LOAD_SCRIPT = HIDE_HF_GPAM_PRELUDE + """
-import json
-import torch
-import transformers
-
-folder, inputs_path, output_path = sys.argv[1:]
-try:
-    import hf_gpam  # noqa: F401
-    sys.exit("hf_gpam is importable, the test would prove nothing")
-except ImportError:
-    pass
-model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-inputs = {k: torch.tensor(v) for k, v in json.load(open(inputs_path)).items()}
-with torch.no_grad():
-    logits = model(**inputs).logits
-json.dump({"class": type(model).__name__, "logits": logits.tolist()}, open(output_path, "w"))
-"""
-
-
-def remote_logits(folder, inputs, tmp_path) -> tuple[str, torch.Tensor]:
-    inputs_path, output_path = tmp_path / "inputs.json", tmp_path / "outputs.json"
-    inputs_path.write_text(json.dumps({k: v.tolist() for k, v in inputs.items()}))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD_SCRIPT, str(folder), str(inputs_path), str(output_path)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(output_path.read_text())
-    return loaded["class"], torch.tensor(loaded["logits"])
-
-
 def test_saved_checkpoint_of_a_gguf_base_is_plain_safetensors_and_loads_without_hf_gpam(gguf_folders, tmp_path):
     folder = gguf_folders["llama"]
     model = hf_gpam.patch_model(load_stock(folder))
@@ -228,7 +194,7 @@ def test_saved_checkpoint_of_a_gguf_base_is_plain_safetensors_and_loads_without_
     saved = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in saved and saved["model_type"] == "gpam_llama"
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.gguf"))
-    class_name, got = remote_logits(out, inputs, tmp_path)
+    class_name, got = remote_causal_logits(out, inputs, tmp_path)
     assert class_name == "GpamLlamaForCausalLM"
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import hf_gpam
-from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE
+
+from .utils import remote_causal_logits
 
 
 pytest.importorskip("gguf", reason="the gguf package reads GGUF files: pip install -e '.[gguf]'")
@@ -75,25 +76,6 @@ def greedy_tokens(model, tokenizer, prompt: str, new_tokens: int = ANSWER_TOKENS
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-REMOTE_LOGITS_SCRIPT = HIDE_HF_GPAM_PRELUDE + """
-import json
-import torch
-import transformers
-
-folder, inputs_path, output_path = sys.argv[1:]
-try:
-    import hf_gpam  # noqa: F401
-    sys.exit("hf_gpam is importable, the test would prove nothing")
-except ImportError:
-    pass
-model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-inputs = {k: torch.tensor(v) for k, v in json.load(open(inputs_path)).items()}
-with torch.no_grad():
-    logits = model(**inputs).logits
-json.dump({"class": type(model).__name__, "logits": logits[0, -4:].tolist()}, open(output_path, "w"))
-"""
-
-
 def test_smollm2_patched_at_zero_lambda_is_the_stock_model_and_reloads_without_hf_gpam(
     stock_and_tokenizer, tmp_path
 ):
@@ -117,17 +99,9 @@ def test_smollm2_patched_at_zero_lambda_is_the_stock_model_and_reloads_without_h
     model.save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text())
     assert saved["model_type"] == "gpam_llama" and "quantization_config" not in saved
-    inputs_path, output_path = tmp_path / "inputs.json", tmp_path / "outputs.json"
-    inputs_path.write_text(json.dumps({k: v.tolist() for k, v in inputs.items()}))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOGITS_SCRIPT, str(folder), str(inputs_path), str(output_path)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = json.loads(output_path.read_text())
-    assert reloaded["class"] == "GpamLlamaForCausalLM"
-    torch.testing.assert_close(torch.tensor(reloaded["logits"]), gpam_logits[0, -4:], rtol=0, atol=1e-4)
+    class_name, reloaded = remote_causal_logits(folder, inputs, tmp_path, positions=4, timeout=600)
+    assert class_name == "GpamLlamaForCausalLM"
+    torch.testing.assert_close(reloaded, gpam_logits[:, -4:], rtol=0, atol=1e-4)
 
 
 # --- the real tier: a short fine-tune with λ ≠ 0, then every transformers serving path ------------------------

@@ -1,10 +1,16 @@
-"""Builders shared by the tests: tiny stock models, inputs with padding, and the architecture list."""
+"""Builders shared by the tests: tiny stock models, inputs with padding, the architecture list, and a causal-LM
+reload in a fresh interpreter where hf_gpam cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
 
 import torch
 
 from hf_gpam import ARCHITECTURES
 from hf_gpam.modeling.configuration_gpam_decoders import DECODER_FAMILIES
-from hf_gpam.testing_utils import TINY_VOCAB_SIZE, tiny_gpam_config, tiny_stock_config
+from hf_gpam.testing_utils import HIDE_HF_GPAM_PRELUDE, TINY_VOCAB_SIZE, tiny_gpam_config, tiny_stock_config
 
 
 # the decoder families generated from one table run their contract in tests/test_decoders.py, in fewer, combined
@@ -92,3 +98,41 @@ def randomise_gpam(model, lambda_range=(0.2, 1.5)):
             torch.nn.init.normal_(module.gpam_q_neg.weight, std=0.5)
             module.gpam_lambda.weight.uniform_(*lambda_range)
     return model
+
+
+REMOTE_CAUSAL_LOGITS_SCRIPT = HIDE_HF_GPAM_PRELUDE + """
+import json
+import torch
+import transformers
+
+folder, inputs_path, output_path, positions = sys.argv[1:]
+try:
+    import hf_gpam  # noqa: F401
+    sys.exit("hf_gpam is importable, the test would prove nothing")
+except ImportError:
+    pass
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+inputs = {k: torch.tensor(v) for k, v in json.load(open(inputs_path)).items()}
+with torch.no_grad():
+    logits = model(**inputs).logits
+logits = logits if positions == "all" else logits[:, -int(positions):]
+json.dump({"class": type(model).__name__, "logits": logits.tolist()}, open(output_path, "w"))
+"""
+
+
+def remote_causal_logits(folder, inputs, tmp_path, positions=None, timeout=300) -> tuple[str, torch.Tensor]:
+    """Load ``folder`` with ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`` in a subprocess
+    where hf_gpam cannot be imported, run ``inputs`` through it, and return (class name, logits). ``positions``
+    keeps only the logits of the last that many positions (a real vocabulary makes the full tensor large)."""
+    inputs_path, output_path = tmp_path / "inputs.json", tmp_path / "outputs.json"
+    inputs_path.write_text(json.dumps({k: v.tolist() for k, v in inputs.items()}))
+    # HF_MODULES_CACHE inside tmp_path: remote code is copied there, not into the user's cache
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CAUSAL_LOGITS_SCRIPT, str(folder), str(inputs_path), str(output_path),
+         "all" if positions is None else str(positions)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(output_path.read_text())
+    return loaded["class"], torch.tensor(loaded["logits"])
