@@ -132,7 +132,6 @@ def load_smollm2():
         raise SystemExit(f"smollm2_study: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fetch.GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fetch.GGUF_FILE, dtype=torch.float32)
-    model.config._attn_implementation = "sdpa"
     return tokenizer, model
 
 
@@ -333,8 +332,10 @@ def run_study(args) -> dict:
     neg_rank = matched_rank(probe, args.rank)
     not_settings = ("report_only", "output_dir", "data_dir", "variants", "seeds")
     settings = {k: v for k, v in vars(args).items() if k not in not_settings}
-    # settings added after a results file was written do not invalidate its runs; changed ones do
-    if any(settings.get(k) != v for k, v in results.get("settings", {}).items()):
+    # settings added after a results file was written do not invalidate its runs; changed ones do, except the
+    # thread count and the no-training λ sweep, which do not change a fine-tune
+    saved = {k: v for k, v in results.get("settings", {}).items() if k not in ("threads", "lambda_sweep")}
+    if any(settings.get(k) != v for k, v in saved.items()):
         raise SystemExit(
             f"smollm2_study: {path} holds runs with other settings ({results['settings']}); move it away first"
         )
