@@ -841,8 +841,11 @@ def write_outputs(trainer, model, tokenizer, model_args, results: dict, card: di
     if not trainer.is_world_process_zero():
         return
     results = {**results, "gpam_lambdas": gpam_lambda_values(model)}
+    # The recipes never resize the vocabulary, so the adapter holds no embedding rows. PEFT's default "auto" would look
+    # for the base's config.json to check that, and a GGUF base folder has none (it warns), a Hub id costs a request.
+    adapter_kwargs = {"save_embedding_layers": False} if model_args.use_lora else {}
     if model_args.use_lora and not model_args.merge_lora:
-        model.save_pretrained(output_dir)
+        model.save_pretrained(output_dir, **adapter_kwargs)
         tokenizer.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "all_results.json"), "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=4, sort_keys=True)
@@ -856,7 +859,7 @@ def write_outputs(trainer, model, tokenizer, model_args, results: dict, card: di
             handle.write(text)
         return
     if model_args.use_lora:
-        model.save_pretrained(os.path.join(output_dir, "adapter"))
+        model.save_pretrained(os.path.join(output_dir, "adapter"), **adapter_kwargs)
         model = model.merge_and_unload()
     save_hub_ready(model, output_dir, tokenizer=tokenizer, results=results, **card)
 
