@@ -18,8 +18,10 @@ Arguments can also come from one JSON file: ``python recipes/run_clm_gpam.py arg
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -318,16 +320,35 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
 
 
 def next_commands(output_dir: str, model_args, chat_prompt: str | None) -> list[str]:
-    """What to run on the output folder: chat with it, serve it, diagnose it (a LoRA adapter needs merging first)."""
+    """What to run on the output folder: chat with it, serve it, diagnose it (a LoRA adapter needs merging first).
+
+    The commands run in the environment that ran this recipe: by the path of its ``bin/`` when it is a virtual
+    environment that is not activated (``make run-smollm2`` runs ``.venv/bin/python``), and with the ``[serving]``
+    install first when FastAPI or Uvicorn is missing there."""
     if model_args.use_lora and not model_args.merge_lora:
         return ["the folder holds a LoRA adapter: rerun with --merge_lora for a full daGPAM checkpoint that "
                 "generate, hf-gpam serve and vLLM load"]
     prompt = shlex.quote(chat_prompt or "The attention mechanism")
+    serve = [f"{environment_command('hf-gpam')} serve {output_dir}"]
+    if any(importlib.util.find_spec(name) is None for name in ("fastapi", "uvicorn")):
+        serve.insert(0, f"{environment_command('pip')} install 'hf_gpam[serving]'   # once: FastAPI and Uvicorn")
     return [
-        f"python recipes/chat_gpam.py {output_dir} {prompt}",
-        f"hf-gpam serve {output_dir}",
-        f"hf-gpam diagnose {output_dir} --text {prompt} --output_dir {output_dir}/diagnostics",
+        f"{environment_command('python')} recipes/chat_gpam.py {output_dir} {prompt}",
+        *serve,
+        f"{environment_command('hf-gpam')} diagnose {output_dir} --text {prompt} --output_dir {output_dir}/diagnostics",
     ]
+
+
+def environment_command(name: str) -> str:
+    """``name`` as the shell finds it in this interpreter's environment: bare when that environment is active (or is
+    not a virtual environment), else its path in the environment's ``bin/``, relative when it lies under the current
+    directory."""
+    active = os.environ.get("VIRTUAL_ENV")
+    if sys.prefix == sys.base_prefix or (active and os.path.realpath(active) == os.path.realpath(sys.prefix)):
+        return name
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    relative = os.path.relpath(path)
+    return shlex.quote(path if relative.startswith("..") else relative)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The training recipes, end to end on tiny models: each ``main()`` is called with a small argv, and the results
 are read back from ``all_results.json`` and from the saved folder reloaded with ``trust_remote_code``."""
 
+import importlib.util
 import json
 import logging
 import math
@@ -202,6 +203,36 @@ def test_lora_adapter_only_output(text_files, tmp_path):
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "all_results.json"} <= files
     assert "model.safetensors" not in files
     assert "peft.PeftModel.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_next_commands_name_the_environment_that_ran_the_recipe(tmp_path, monkeypatch):
+    """make runs .venv/bin/python without activating .venv: the printed commands must run there, not on PATH."""
+    venv = tmp_path / "repo" / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "executable", str(venv / "bin" / "python"))
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    merged = gpam_recipe_utils.ModelArguments(use_lora=True, merge_lora=True)
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else found(name, *a))
+    commands = run_clm_gpam.next_commands("out", merged, "Hi there?")
+    assert commands == [
+        ".venv/bin/python recipes/chat_gpam.py out 'Hi there?'",
+        ".venv/bin/pip install 'hf_gpam[serving]'   # once: FastAPI and Uvicorn",
+        ".venv/bin/hf-gpam serve out",
+        ".venv/bin/hf-gpam diagnose out --text 'Hi there?' --output_dir out/diagnostics",
+    ]
+    # activated (VIRTUAL_ENV names it) and with the serving extra: bare names, no install line
+    monkeypatch.setenv("VIRTUAL_ENV", str(venv))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert run_clm_gpam.next_commands("out", merged, None)[:2] == [
+        "python recipes/chat_gpam.py out 'The attention mechanism'", "hf-gpam serve out"]
+    # a virtual environment elsewhere is named by its absolute path
+    monkeypatch.delenv("VIRTUAL_ENV")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert run_clm_gpam.environment_command("hf-gpam") == str(venv / "bin" / "hf-gpam")
 
 
 @pytest.mark.parametrize("model_type", ["bart", "marian"])
